@@ -8,6 +8,8 @@ from torch import nn
 
 from pathlib import Path
 
+from qtune.compile import enabled as qtune_compile_enabled, maybe_compile
+from qtune import recompute
 from qtune.adapters import attach_adapters, layer_options, set_initial_factors
 from qtune.base_init import load_initialised_base
 from qtune.rosa_support import restore_supports
@@ -38,14 +40,45 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     if factors is not None:
         set_initial_factors(model, factors)
     restore_supports(model, run_dir)  # RoSA: the masks chosen when the run started
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where qtune.train will run it
+    model.set_attn_implementation(attention_implementation(model.config, cfg.batch_size, cfg.seq_len,
+                                                           cfg.gradient_checkpointing, cfg.compute_dtype, device))
     if cfg.gradient_checkpointing:
-        # non-reentrant: works with frozen inputs (no need to make embeddings require grad)
-        kwargs = {"use_reentrant": False}
+        # non-reentrant: works with frozen inputs (no need to make embeddings require grad);
+        # context_fn lets the recomputation skip down_proj's base GEMM (qtune.recompute)
+        kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
+        recompute.mark_output_unused_in_recompute(model)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tokenizer, model_dir, report
+
+
+EAGER_ATTENTION_BYTES = 64 * 2**20
+
+
+def attention_implementation(config, batch: int, seq: int, checkpointing: bool, compute_dtype: str = "bfloat16",
+                             device: str = "cpu") -> str:
+    """'qtune_eager' (softmax(QKᵀ)V as explicit GEMMs, qtune.attention) or 'sdpa' (fused, memory-efficient).
+
+    On the CPU, at short sequences, eager is faster (tools/profile_step.py: SmolLM2 seq 256 × 4, a step
+    −10%): torch's CPU flash kernel runs its small blocks well below the GEMM rate. Eager keeps one
+    layer's score matrices (fp32 softmax + its compute-dtype copy), so it is chosen only with
+    checkpointing (one layer's at a time) and when they stay under EAGER_ATTENTION_BYTES; on CUDA
+    sdpa's flash kernels win everywhere."""
+    if device != "cpu" or not checkpointing:
+        return "sdpa"
+    from qtune import attention
+
+    fits = eager_scores_bytes(config, batch, seq, compute_dtype) <= EAGER_ATTENTION_BYTES
+    return attention.NAME if fits else "sdpa"
+
+
+def eager_scores_bytes(config, batch: int, seq: int, compute_dtype: str = "bfloat16") -> int:
+    """One layer's attention scores under eager attention: fp32 softmax output and its cast."""
+    c = 4 if compute_dtype == "float32" else 2
+    return batch * config.num_attention_heads * seq * seq * (4 + c)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -79,6 +112,19 @@ def ce_chunk_tokens(vocab: int) -> int:
     return max(32, min(4096, CE_CHUNK_BYTES // (vocab * CE_BYTES_PER_LOGIT)))
 
 
+@maybe_compile
+def _chunk_loss_and_grad(head: torch.Tensor, targets: torch.Tensor):
+    """One chunk's (Σ CE, dCE/dz) from its head output z (c, V) in the compute dtype.
+
+    loss = logsumexp(z) − z_y in fp32; dCE/dz = softmax(z) − onehot(y), computed in fp32 and
+    returned in z's dtype. Compiled, this is one pass over z per row instead of ~7 over (c, V)."""
+    logits = head.float()
+    lse = torch.logsumexp(logits, dim=-1)                                  # (c,)
+    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)         # fused away when compiled
+    return loss, (torch.exp(logits - lse[:, None]) - onehot).to(head.dtype)
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Σ_i CE(h_i Wᵀ, y_i) over chunks, with dL/dh computed in the forward.
 
@@ -86,6 +132,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     dloss/dh = (p − onehot(y)) W. Doing this per chunk while z is at hand means no chunk's logits
     are kept for backward (and no second head GEMM to recompute them); backward only scales the
     stored (n, h) gradient. The head W (lm_head / tied embedding) is frozen.
+    With torch.compile on (qtune.compile) the softmax/gradient of a chunk is one fused kernel;
+    eagerly it is computed in place, keeping the chunk at ~6 bytes per logit.
     """
 
     @staticmethod
@@ -93,9 +141,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         need_grad = hidden.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None  # (n, h)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        fused = need_grad and qtune_compile_enabled()
         for i in range(0, targets.numel(), chunk):
             h, y = hidden[i:i + chunk], targets[i:i + chunk]
             head = F.linear(h, weight)                            # (c, V) in the compute dtype
+            if fused:
+                loss, grad_z = _chunk_loss_and_grad(head, y)      # fp32 scalar, (c, V) compute dtype
+                probe()  # the chunk's peak: head and its gradient
+                del head
+                total += loss
+                grad_hidden[i:i + chunk] = grad_z @ weight         # (c, V) @ (V, h)
+                continue
             logits = head.float()                                 # (c, V) fp32
             probe()  # the chunk's peak: both copies alive
             del head

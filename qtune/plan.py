@@ -32,7 +32,7 @@ from torch import nn
 
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
-from qtune.model import CE_BYTES_PER_LOGIT, ce_chunk_tokens
+from qtune.model import CE_BYTES_PER_LOGIT, attention_implementation, ce_chunk_tokens
 from quant import QuantLinear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -98,8 +98,12 @@ def quantized_linear_bytes(numel: int, bits: int, double_quant: bool = True, com
     return math.ceil(numel / 2) + scales + BNB_STATE_BYTES
 
 
-def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float) -> int:
+def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float,
+                          attention: str = "sdpa") -> int:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
+
+    With eager attention (qtune.model.attention_implementation) the softmax output (fp32) and its
+    compute-dtype copy are kept, and backward adds their two gradients: 2·(4 + c) bytes per score.
 
     per token: 2 RMSNorms (fp32 input copy + normalised output), q/k/v after rotary, k/v expanded
     to all heads (GQA repeat), the attention output, softmax log-sum-exp (fp32, per head), MLP
@@ -118,6 +122,8 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
                  + 2 * c * i)                       # gradients of the MLP's widest tensors at the peak
     if dropout > 0:
         per_token += 4 * c * h + c * i + 4 * h      # dropped-out copies of the adapters' inputs, masks
+    if attention != "sdpa":  # qtune.attention's eager kernel
+        per_token += 2 * (4 + c) * nh * seq - 4 * nh  # scores and their gradients; no log-sum-exp
     return batch * seq * per_token
 
 
@@ -165,7 +171,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
 
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
-    internals = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout)
+    attention = attention_implementation(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
+    internals = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention)
     layer_inputs = L * b * t * config.hidden_size * c
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * internals + layer_inputs
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)

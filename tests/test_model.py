@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOL
-from qtune.model import ChunkedCrossEntropy, ce_chunk_tokens
+from qtune.model import ChunkedCrossEntropy, causal_lm_loss, ce_chunk_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -29,3 +29,108 @@ def test_chunked_cross_entropy_equals_full_logits(dtype, chunk):
 def test_chunk_size_bounds_the_logits():
     assert ce_chunk_tokens(49152) * 49152 * 6 <= 64 * 2**20
     assert ce_chunk_tokens(10) == 4096 and ce_chunk_tokens(10**9) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunk_matches_the_eager_one_and_torch(dtype, monkeypatch):
+    """The fused (torch.compile) chunk kernel against the eager in-place path and torch's CE."""
+    import qtune.compile as qc
+
+    torch.manual_seed(0)
+    n, h, vocab = 70, 16, 300
+    weight = torch.randn(vocab, h, dtype=dtype) * 0.3
+    targets = torch.randint(vocab, (n,))
+    out = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(qc, "_enabled", compiled)
+        hidden = torch.randn(n, h, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss = ChunkedCrossEntropy.apply(hidden, weight, targets, 32)
+        loss.backward()
+        out[compiled] = (loss.detach(), hidden.grad)
+    assert not qc._failed, "torch.compile failed on this machine; the fused path was not tested"
+    torch.testing.assert_close(out[True][0], out[False][0], **TOL[torch.float32])
+    torch.testing.assert_close(out[True][1], out[False][1], **TOL[dtype])
+    ref_hidden = torch.randn(n, h, dtype=dtype, generator=torch.Generator().manual_seed(1)).float().requires_grad_()
+    ref = F.cross_entropy(ref_hidden @ weight.float().T, targets, reduction="sum")
+    ref.backward()
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=0.5, rtol=1e-2)
+    torch.testing.assert_close(out[True][0], ref.detach(), **tol)
+    torch.testing.assert_close(out[True][1].float(), ref_hidden.grad, **(TOL[torch.float32] if dtype == torch.float32
+                                                                          else dict(atol=2e-2, rtol=2e-2)))
+
+
+def _step_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["qlora", "qrosa"])
+def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, tmp_path, method, monkeypatch):
+    """Checkpointing with down_proj's base skipped in the recomputation gives the gradients of a run
+    without checkpointing, and dequantizes 6 + 7 + 7 times per layer instead of 7 + 7 + 7."""
+    from quant.formats import QuantizedWeight
+    from qtune.config import TrainConfig
+    from qtune.model import build_model
+    from qtune.adapters.rosa import RoSALinear
+
+    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), method=method, rank=4,
+                      seq_len=32, batch_size=2, compute_dtype="float32", gradient_checkpointing=True)
+    model, *_ = build_model(cfg, tmp_path / "r", progress=False)
+    torch.manual_seed(1)
+    for m in model.modules():  # non-zero B (and a sparse support) so every adapter term matters
+        if hasattr(m, "lora_B"):
+            m.lora_B.data.normal_(0, 0.1)
+        if isinstance(m, RoSALinear):
+            m.set_support(torch.arange(0, m.in_features * m.out_features, 7))
+            m.sparse_values.data.normal_(0, 0.1)
+    ids = torch.randint(3, model.config.vocab_size, (2, 32))
+    calls = []
+    real = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model.train()
+    loss_ckpt, grads_ckpt = _step_grads(model, ids)
+    layers = len(model.model.layers)
+    assert len(calls) == layers * (7 + 6 + 7)
+    model.gradient_checkpointing_disable()
+    calls.clear()
+    loss_plain, grads_plain = _step_grads(model, ids)
+    assert len(calls) == layers * (7 + 7)
+    torch.testing.assert_close(loss_ckpt, loss_plain, **TOL[torch.float32])
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_ckpt) > 0
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
+
+
+def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path):
+    """qtune's compiled eager attention and transformers' eager equal sdpa (fp32, GQA, left padding)."""
+    from qtune.config import TrainConfig
+    from qtune.model import EAGER_ATTENTION_BYTES, attention_implementation, build_model, eager_scores_bytes
+
+    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), rank=4, seq_len=32,
+                      batch_size=2, compute_dtype="float32")
+    model, *_ = build_model(cfg, tmp_path / "r", progress=False)
+    config = model.config
+    assert attention_implementation(config, 4, 256, True) == "qtune_eager"
+    assert attention_implementation(config, 4, 256, False) == "sdpa"  # all layers' scores would be kept
+    assert attention_implementation(config, 4, 256, True, device="cuda") == "sdpa"
+    big = next(s for s in (256 * 2 ** k for k in range(12)) if eager_scores_bytes(config, 4, s) > EAGER_ATTENTION_BYTES)
+    assert attention_implementation(config, 4, big, True) == "sdpa"
+    assert model.config._attn_implementation == "qtune_eager"
+    ids = torch.randint(3, model.config.vocab_size, (2, 32))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: the mask must reach both implementations
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[1, 5] = -100  # predicted from a padded position, whose hidden state is implementation-defined
+    out = {}
+    for impl in ("qtune_eager", "eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        model.zero_grad(set_to_none=True)
+        loss, _ = causal_lm_loss(model, ids, mask, labels)
+        loss.backward()
+        out[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for impl in ("qtune_eager", "eager"):
+        torch.testing.assert_close(out[impl][0], out["sdpa"][0], **TOL[torch.float32])
+        for a, b in zip(out[impl][1], out["sdpa"][1]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)

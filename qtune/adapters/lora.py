@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.recompute import can_skip
+
 
 class LoRALinear(nn.Module):
     """The base linear (frozen; QuantLinear or nn.Linear) plus a trainable low-rank update s·BA."""
@@ -28,11 +30,14 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT and the LoRA reference code
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.skip_base_in_recompute = False  # set by qtune.recompute where the output only feeds a sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)  # (..., out)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return base + self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
+        lora = self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
+        if can_skip(self):
+            return lora  # backward reads only the adapter's saved tensors (see qtune.recompute)
+        return self.base_layer(x) + lora
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·BA, (out, in) fp32."""

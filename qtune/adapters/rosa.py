@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.recompute import can_skip
+
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
@@ -60,9 +62,11 @@ class _SparseLinearFn(torch.autograd.Function):
     Saves x and the nnz-sized structure (never a sparse tensor: its numel is out·in) for backward."""
 
     @staticmethod
-    def forward(ctx, x, values, crow, cols, t_crow, t_rows, t_perm):
+    def forward(ctx, x, values, crow, cols, t_crow, t_rows, t_perm, skip_output=False):
         out_f, in_f = crow.numel() - 1, t_crow.numel() - 1
         ctx.save_for_backward(x, values, crow, cols, t_crow, t_rows, t_perm)
+        if skip_output:  # a recomputation that needs only the saved tensors (qtune.recompute)
+            return x.new_zeros(*x.shape[:-1], out_f)
         y_t = _csr(crow, cols, values.float(), (out_f, in_f)) @ _tokens_last(x, in_f)  # (out, tokens)
         # one transposing copy here, or every later op on the strided y is slow (an add: 0.2 -> 11 ms)
         return y_t.to(x.dtype).T.contiguous().reshape(*x.shape[:-1], out_f)
@@ -79,7 +83,7 @@ class _SparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # SDDMM: grad_values[k] = Σ_t grad_y[t, row_k] · x[t, col_k]
             pattern = _csr(crow, cols, torch.zeros_like(values, dtype=torch.float32), (out_f, in_f))
             grad_values = torch.sparse.sampled_addmm(pattern, g_t, _tokens_last(x, in_f).T, beta=0.0).values()
-        return grad_x, grad_values, None, None, None, None, None
+        return grad_x, grad_values, None, None, None, None, None, None
 
 
 class RoSALinear(nn.Module):
@@ -103,6 +107,7 @@ class RoSALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT and the LoRA reference code
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.skip_base_in_recompute = False  # set by qtune.recompute where the output only feeds a sum
         self.set_support(torch.zeros(0, dtype=torch.int64) if indices is None else indices)
 
     @property
@@ -137,13 +142,15 @@ class RoSALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer(x)  # (..., out)
+        skip = can_skip(self)  # only saved tensors matter (qtune.recompute)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        y = base + self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
+        y = self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
+        if not skip:
+            y = self.base_layer(x) + y
         if self.nnz == 0:
             return y
         return y + _SparseLinearFn.apply(x, self.sparse_values, self.csr_crow, self.csr_cols,
-                                         self.csr_t_crow, self.csr_t_rows, self.csr_t_perm)  # x Sᵀ
+                                         self.csr_t_crow, self.csr_t_rows, self.csr_t_perm, skip)  # x Sᵀ
 
     def sparse_weight(self) -> torch.Tensor:
         """S as a dense (out, in) fp32 tensor — for export only."""

@@ -1,0 +1,61 @@
+"""Gradient-checkpoint recomputation that skips what backward never reads.
+
+With checkpointing, each decoder layer's forward runs twice: once without keeping its internals,
+and again during backward to rebuild the tensors autograd saved. The second run does not need the
+layer's output, only those saved tensors. The last linear of a Llama-family layer (mlp.down_proj)
+feeds only the residual add, which saves nothing, so in the recomputation its frozen base GEMM
+(and its dequantization: a quarter of a layer's weights) can be skipped. Its adapter still runs:
+its saved inputs are needed for the adapter's gradients.
+
+torch.utils.checkpoint's `context_fn` gives the recomputation its own context; inside it
+`recomputing()` is true. Thread-local: on CUDA the recomputation runs on autograd's device thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from quant import QuantLinear
+
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    return getattr(_state, "on", False)
+
+
+@contextlib.contextmanager
+def _recomputation():
+    previous = recomputing()
+    _state.on = True
+    try:
+        yield
+    finally:
+        _state.on = previous
+
+
+def context_fn():
+    """For torch.utils.checkpoint(context_fn=...): (forward context, recomputation context)."""
+    return contextlib.nullcontext(), _recomputation()
+
+
+def can_skip(adapter) -> bool:
+    """True inside a recomputation, for a flagged adapter whose base may be skipped: a QuantLinear
+    (its autograd function saves no tensor, so the recomputation saves the same tensors without it)
+    with no hooks (RoSA's mask selection taps the base layer's output)."""
+    base = adapter.base_layer
+    return (adapter.skip_base_in_recompute and recomputing() and isinstance(base, QuantLinear)
+            and not base._forward_hooks and not base._forward_pre_hooks)
+
+
+def mark_output_unused_in_recompute(model) -> int:
+    """Flag each decoder layer's mlp.down_proj adapter (LoRA, RoSA: the base output is only summed);
+    returns how many were flagged. DoRA layers are not flagged: their magnitude's gradient reads x Wᵀ."""
+    n = 0
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if down is not None and hasattr(down, "skip_base_in_recompute"):
+            down.skip_base_in_recompute = True
+            n += 1
+    return n

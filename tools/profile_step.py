@@ -1,0 +1,137 @@
+"""Where one qtune training step's time goes: torch.profiler over the benchmark's setting.
+
+    python tools/profile_step.py                      # qlora, 2 warm-up + 3 profiled steps
+    python tools/profile_step.py --method qdora --out tools/results/profile_qdora.md
+
+Same setting as tools/bench_peft.py (SmolLM2-135M, Shakespeare rows, seq 256 × batch 4, r 16 on all
+linears, checkpointing, bf16, AdamW). The step is the benchmark's qtune step. Self CPU time of every
+aten/custom op is summed over the profiled steps and grouped:
+    gemm          aten::mm / addmm / bmm / matmul's kernels (the bf16 GEMMs: base, adapters, head)
+    attention     scaled_dot_product_attention and its flash/math kernels
+    dequantize    bitsandbytes' dequantize ops (NF4 codes -> bf16 weights)
+    elementwise   everything else (norms, RoPE, SiLU, casts, copies, adds, optimizer math, ...)
+and, beside them, the wall time the profiler saw and the GEMM rate this machine reaches on one large
+product, so `gemm` time × rate gives how far from the limit the GEMMs themselves run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import bench_peft as bp  # noqa: E402  (the benchmark's setting, data and step)
+
+GROUPS = (("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm", "aten::baddbmm")),
+          ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+          ("dequantize", ("bitsandbytes::", "dequantize")))
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "elementwise"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="qlora", choices=bp.METHODS)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--plays", type=int, default=4)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
+    ap.add_argument("--time-only", action="store_true",
+                    help="no profiler: print the median wall time of --steps steps (before/after figures)")
+    args = ap.parse_args()
+    bp.quiet_bitsandbytes()
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from torch.profiler import ProfilerActivity, profile
+
+    from qtune.embedded import default_model_dir
+
+    work = Path(tempfile.mkdtemp(prefix="qtune-profile-"))
+    model_dir = default_model_dir()
+    bp.prepare_data(work, model_dir, args.plays, 4, args.warmup + args.steps)
+    data = load_file(work / "data.safetensors")
+
+    # build the benchmark's qtune step, run the warm-up, then profile the rest
+    steps_seen = []
+    real_loop = bp._train_loop
+
+    def capture(step_fn, data, warmup, steps):
+        steps_seen.append(step_fn)
+        return {}
+    bp._train_loop = capture
+    bp.heldout_loss = lambda *a, **k: 0.0
+    bp.worker_qtune(args.method, data, work, args.warmup, args.steps)
+    bp._train_loop = real_loop
+    step = steps_seen[0]
+    order = data["order"]
+
+    def run(s):
+        rows = order[s]
+        return step(data["input_ids"][rows], data["attention_mask"][rows], data["labels"][rows])
+
+    for s in range(args.warmup):
+        run(s)
+    if args.time_only:
+        walls = []
+        for s in range(args.warmup, args.warmup + args.steps):
+            t0 = time.perf_counter()
+            run(s)
+            walls.append(time.perf_counter() - t0)
+        walls.sort()
+        print(f"{args.method}: median {walls[len(walls) // 2]:.3f} s/step over {args.steps} steps "
+              f"(min {walls[0]:.3f}, max {walls[-1]:.3f})")
+        return
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for s in range(args.warmup, args.warmup + args.steps):
+            t0 = time.perf_counter()
+            run(s)
+            walls.append(time.perf_counter() - t0)
+    events = prof.key_averages()
+    groups: dict[str, float] = defaultdict(float)
+    rows = []
+    for e in events:
+        self_s = e.self_cpu_time_total / 1e6
+        groups[group_of(e.key)] += self_s
+        rows.append((self_s, e.key, e.count))
+    rows.sort(reverse=True)
+    n = args.steps
+    wall = sum(walls) / n
+    rate = bp.gemm_rate()
+    cfg = bp.json.loads((model_dir / "config.json").read_text())
+    flops = bp.step_flops(cfg, bp.BATCH, bp.SEQ_LEN, bp.RANK)
+    lines = [f"# Profile of one qtune {args.method} step ({bp._cpu_name()}, {torch.get_num_threads()} threads)", "",
+             f"Setting of tools/bench_peft.py; {args.warmup} warm-up + {n} profiled steps; times per step.",
+             f"Wall time per step under the profiler: {wall:.3f} s (profiler overhead included).",
+             f"Step FLOPs (bench_peft.step_flops): {flops['total'] / 1e9:.0f} GFLOP; bf16 GEMM rate "
+             f"{rate['gflops']:.0f} GFLOP/s -> limit {flops['total'] / 1e9 / rate['gflops']:.3f} s/step.", "",
+             "| group | s/step | share of wall |", "|---|---|---|"]
+    for g in ("gemm", "attention", "dequantize", "elementwise"):
+        lines.append(f"| {g} | {groups[g] / n:.3f} | {groups[g] / n / wall:.0%} |")
+    lines.append(f"| (not in any op: Python, autograd engine, profiler) | {wall - sum(groups.values()) / n:.3f} | "
+                 f"{1 - sum(groups.values()) / n / wall:.0%} |")
+    lines += ["", f"GEMM time at the 2048³ rate would be {(flops['step']['linears'] + flops['step']['adapters'] + flops['step']['head']) / 1e9 / rate['gflops']:.3f} s/step "
+              f"(linears + adapters + head FLOPs); measured {groups['gemm'] / n:.3f}.", "",
+              f"Top {args.top} ops by self CPU time:", "", "| op | calls/step | self s/step | group |", "|---|---|---|---|"]
+    for self_s, key, count in rows[:args.top]:
+        lines.append(f"| `{key}` | {count / n:.0f} | {self_s / n:.4f} | {group_of(key)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
