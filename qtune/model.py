@@ -9,7 +9,7 @@ from torch import nn
 from pathlib import Path
 
 from qtune.compile import enabled as qtune_compile_enabled, maybe_compile
-from qtune import recompute
+from qtune import kernels, recompute
 from qtune.adapters import attach_adapters, layer_options, set_initial_factors
 from qtune.base_init import load_initialised_base
 from qtune.rosa_support import restore_supports
@@ -40,6 +40,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     if factors is not None:
         set_initial_factors(model, factors)
     restore_supports(model, run_dir)  # RoSA: the masks chosen when the run started
+    kernels.fuse_elementwise(model)  # RMSNorm, SiLU·up: one compiled kernel each (qtune.kernels)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where qtune.train will run it
     model.set_attn_implementation(attention_implementation(model.config, cfg.batch_size, cfg.seq_len,
                                                            cfg.gradient_checkpointing, cfg.compute_dtype, device))
@@ -60,7 +61,7 @@ EAGER_ATTENTION_BYTES = 64 * 2**20
 
 def attention_implementation(config, batch: int, seq: int, checkpointing: bool, compute_dtype: str = "bfloat16",
                              device: str = "cpu") -> str:
-    """'qtune_eager' (softmax(QKᵀ)V as explicit GEMMs, qtune.attention) or 'sdpa' (fused, memory-efficient).
+    """'qtune_eager' (softmax(QKᵀ)V as explicit GEMMs, qtune.kernels) or 'sdpa' (fused, memory-efficient).
 
     On the CPU, at short sequences, eager is faster (tools/profile_step.py: SmolLM2 seq 256 × 4, a step
     −10%): torch's CPU flash kernel runs its small blocks well below the GEMM rate. Eager keeps one
@@ -69,10 +70,10 @@ def attention_implementation(config, batch: int, seq: int, checkpointing: bool, 
     sdpa's flash kernels win everywhere."""
     if device != "cpu" or not checkpointing:
         return "sdpa"
-    from qtune import attention
+    from qtune import kernels
 
     fits = eager_scores_bytes(config, batch, seq, compute_dtype) <= EAGER_ATTENTION_BYTES
-    return attention.NAME if fits else "sdpa"
+    return kernels.NAME if fits else "sdpa"
 
 
 def eager_scores_bytes(config, batch: int, seq: int, compute_dtype: str = "bfloat16") -> int:

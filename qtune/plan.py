@@ -122,7 +122,7 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
                  + 2 * c * i)                       # gradients of the MLP's widest tensors at the peak
     if dropout > 0:
         per_token += 4 * c * h + c * i + 4 * h      # dropped-out copies of the adapters' inputs, masks
-    if attention != "sdpa":  # qtune.attention's eager kernel
+    if attention != "sdpa":  # qtune.kernels' eager attention
         per_token += 2 * (4 + c) * nh * seq - 4 * nh  # scores and their gradients; no log-sum-exp
     return batch * seq * per_token
 

@@ -134,3 +134,26 @@ def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path):
         torch.testing.assert_close(out[impl][0], out["sdpa"][0], **TOL[torch.float32])
         for a, b in zip(out[impl][1], out["sdpa"][1]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_fused_norms_and_mlp_equal_transformers(tiny_model_factory, arch):
+    """qtune.kernels' compiled RMSNorm and SiLU·up give transformers' logits and gradients (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.kernels import fuse_elementwise
+
+    folder = tiny_model_factory(arch)
+    ref, fused = (AutoModelForCausalLM.from_pretrained(folder) for _ in range(2))
+    routed = fuse_elementwise(fused)
+    layers = ref.config.num_hidden_layers
+    assert routed == layers * (3 if arch == "llama" else 5) + 1  # 2 norms + MLP (+ q/k norms) per layer, final norm
+    ids = torch.randint(3, ref.config.vocab_size, (2, 16))
+    outs = []
+    for model in (ref, fused):
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        outs.append((logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL[torch.float32])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
