@@ -99,6 +99,12 @@ TRAIN_OPTIONS = [
     _opt("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
          help="Recompute activations in backward (default on)."),
     _opt("--compute-dtype", help="bfloat16 (default) | float32 | float16."),
+    _opt("--offload", help="Frozen base: none (default) | cpu (host memory, per-use copy to the GPU) | "
+                           "disk (read from the quantized files at each use; bounded memory)."),
+    _opt("--offload-activations/--no-offload-activations", default=None,
+         help="CUDA: checkpointed activations in pinned host memory (no-op on CPU)."),
+    _opt("--max-memory", type=float, help="GiB the run may use; the plan must fit before loading (0 = device)."),
+    _opt("--compile/--no-compile", default=None, help="torch.compile the fused elementwise kernels (default on)."),
     _opt("--skip-bad-rows/--no-skip-bad-rows", default=None, help="Skip malformed dataset lines (and count them)."),
     _opt("--output", help="Run folder (default runs/qtune)."),
     _opt("--trust-remote-code/--no-trust-remote-code", default=None, help="Allow a hub model's own code (off)."),

@@ -17,7 +17,12 @@ import warnings
 
 import torch
 
-_enabled = os.environ.get("QTUNE_COMPILE", "1") not in ("0", "false", "no")
+def env_enabled() -> bool:
+    """QTUNE_COMPILE=0 turns compiling off whatever the run's config says."""
+    return os.environ.get("QTUNE_COMPILE", "1") not in ("0", "false", "no")
+
+
+_enabled = env_enabled()
 _failed = False
 
 
@@ -37,6 +42,14 @@ def _cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failing compile raises: dynamo wraps backend/inductor failures (no C++ compiler, a
+    failed build) in TorchDynamoException subclasses."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
 def maybe_compile(fn):
     """fn, compiled on first use when compiling is enabled; fn itself when disabled or if it fails."""
     compiled = None
@@ -52,9 +65,10 @@ def maybe_compile(fn):
             compiled = torch.compile(fn, dynamic=True)
         try:
             return compiled(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 — any compiler failure: the eager function is the same math
+        except _compile_errors() as e:  # a compiler failure (only: checkpointing's own control-flow
+            # exceptions, e.g. its early stop of a recomputation, must pass through untouched)
             _failed = True
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); "
                           "qtune continues without compiling (slower, same results). Set QTUNE_COMPILE=0 to "
                           "skip the attempt.", stacklevel=2)
             return fn(*args, **kwargs)

@@ -100,6 +100,17 @@ class TrainConfig:
     """Recompute each decoder layer's activations in backward instead of keeping them."""
     compute_dtype: str = "bfloat16"
     """dtype of activations and dequantized weights: bfloat16 | float32 | float16."""
+    offload: str = "none"
+    """Where the frozen quantized base lives: none (compute device) | cpu (host memory, copied per use;
+    on a CPU-only machine the same as none) | disk (read from the quantized files per use)."""
+    offload_activations: bool = False
+    """CUDA: keep checkpointed layer inputs in pinned host memory (transformers' offloaded
+    checkpointing). Not applicable on CPU (they are in host memory already): ignored with a note."""
+    max_memory: float = 0.0
+    """GiB the run may use (0 = the device's memory): the plan must fit under it before loading, and
+    the run warns when the measured peak exceeds it."""
+    compile: bool = True
+    """torch.compile the fused elementwise kernels (qtune.compile); off: the same math, eagerly."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed dataset lines instead of stopping."""
     output: str = "runs/qtune"
@@ -121,6 +132,12 @@ class TrainConfig:
                "error, and --bits 16 has none", "use --bits 4 or 8 with loftq, or --init pissa at 16 bits")
         _check(self.loftq_iters >= 1, f"--loftq-iters must be at least 1, got {self.loftq_iters}", "pass e.g. 5")
         _check(self.pissa_niter >= 0, f"--pissa-niter must be >= 0, got {self.pissa_niter}", "pass e.g. 4 (0 = full SVD)")
+        _check(self.offload in ("none", "cpu", "disk"), f"unknown --offload {self.offload!r}", "use none, cpu or disk")
+        _check(self.offload == "none" or self.bits != 16, f"--offload {self.offload} streams a quantized base, and "
+               "--bits 16 has none", "use --bits 4 or 8 with --offload")
+        _check(self.offload == "none" or self.init == "default", f"--offload {self.offload} reads the shared quantized "
+               f"cache, and --init {self.init} rewrites the base", "use --init default with --offload")
+        _check(self.max_memory >= 0, f"--max-memory must be >= 0 GiB, got {self.max_memory}", "pass e.g. 8 (GiB)")
         _check(self.optim in OPTIMIZERS, f"unknown --optim {self.optim!r}", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"), f"unknown --lr-scheduler {self.lr_scheduler!r}",
                "use cosine, linear or constant")

@@ -13,6 +13,7 @@ format, so later runs skip quantization.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -172,8 +173,13 @@ def build_skeleton(config, compute_dtype: torch.dtype, quantized: list[str] | No
 
 def load_model(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16,
                trust_remote_code: bool = False, use_cache: bool = True, progress: bool = True,
-               transform=None) -> nn.Module:
+               transform=None, offload: str = "none") -> nn.Module:
     """The base model with its decoder linears quantized per `quant` (unless bits == 16).
+
+    offload (quant.offload): 'disk' leaves the quantized linears in the quantized cache's (or the
+    pre-quantized checkpoint's) files and reads them at each use; a model not yet in the cache is
+    quantized into it first (that first pass holds the quantized model in memory once). 'cpu' keeps
+    them in host memory and copies them to the compute device at each use.
 
     transform(name, weight) -> tensor | QuantizedWeight, if given, sees each decoder linear's weight
     before it is quantized and returns what becomes the frozen base (PiSSA's residual, LoftQ's
@@ -187,17 +193,38 @@ def load_model(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = t
     if transform is not None and is_prequantized(config):
         raise QtuneError(f"{model_dir} is already quantized, so its weights cannot be decomposed for this --init. "
                          "Use the model's unquantized release, or --init default.")
-    if quant.bits != 16 and not is_prequantized(config) and use_cache and transform is None:
+    if offload not in ("none", "cpu", "disk"):
+        raise QtuneError(f"Unknown --offload {offload!r}. Use none, cpu or disk.")
+    if offload != "none" and (quant.bits == 16 or transform is not None):
+        raise QtuneError(f"--offload {offload} streams the quantized base; it needs --bits 4 or 8 and --init default "
+                         f"(this run has --bits {quant.bits}{' and an initialiser that rewrites the base' if transform else ''}).")
+    if quant.bits != 16 and not is_prequantized(config) and (use_cache or offload == "disk") and transform is None:
         cached = quantized_cache_path(model_dir, quant, compute_dtype)
         if not (cached / "config.json").is_file():
             model = _stream_load(model_dir, config, quant, compute_dtype, progress)
             save_quantized(model, cached, model_dir)
-            return model
+            if offload == "none":
+                return model
+            if offload == "cpu":
+                return _offload_to_host(model)
+            del model
+            gc.collect()
         model_dir, config = cached, load_config(cached)
-    return _stream_load(model_dir, config, quant, compute_dtype, progress, transform)
+    model = _stream_load(model_dir, config, quant, compute_dtype, progress, transform, offload)
+    return _offload_to_host(model) if offload == "cpu" else model
 
 
-def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=None) -> nn.Module:
+def _offload_to_host(model: nn.Module) -> nn.Module:
+    from quant.offload import stream_quantized_linears
+
+    model._qtune_prefetcher = stream_quantized_linears(model, "cpu")
+    return model
+
+
+def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=None, offload: str = "none") -> nn.Module:
+    """offload 'disk' (pre-quantized sources only): each quantized linear becomes a StreamedWeight
+    that reads its tensors from the shard at every use; only one linear's tensors are ever held
+    while loading (to learn its format)."""
     from accelerate.utils import set_module_tensor_to_device
 
     shards = shard_files(model_dir)
@@ -215,6 +242,7 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
     model = build_skeleton(config, compute_dtype, quantized)
     qset = set(quantized)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # prequantized parts of one module
+    on_disk: dict[str, tuple[Path, list[str]]] = {}   # --offload disk: module -> (shard, its keys)
     total = sum(len(_open_shard(s).keys()) for s in shards)
     bar = tqdm(total=total, desc="loading" + (" + quantizing" if qset and not prequantized else ""),
                unit="tensor", disable=not progress)
@@ -224,6 +252,9 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
             bar.update()
             owner = key.split(".weight")[0]
             if owner in qset and (key == owner + ".weight" or key.startswith(owner + ".weight.")):
+                if prequantized and offload == "disk":
+                    on_disk.setdefault(owner, (shard, []))[1].append(key)
+                    continue
                 t = _get(f, key, shard)
                 if prequantized:
                     pending.setdefault(owner, {})[key] = t
@@ -242,6 +273,22 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
             t = t.to(compute_dtype, copy=True) if t.is_floating_point() else t.clone()
             set_module_tensor_to_device(model, key, "cpu", value=t)
     bar.close()
+    if on_disk:
+        from quant.offload import FILES, Prefetcher, StreamedWeight
+
+        prefetcher = Prefetcher()
+        model._qtune_prefetcher = prefetcher
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the forward's order
+        for owner in sorted(on_disk, key=order.__getitem__):
+            shard, keys = on_disk[owner]
+            try:  # positioned reads, not the mmap: see quant.offload._Files
+                meta = QuantizedWeight.from_state_tensors({k: FILES.get(str(shard), k) for k in keys}, owner + ".")
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                raise QtuneError(f"Cannot read {owner}'s quantized tensors from {shard} ({e}); the file is probably "
+                                 "truncated or corrupt. Delete it (qtune's cache refills) or download it again.") from None
+            meta.set_compute_dtype(compute_dtype)
+            _module(model, owner).qweight = StreamedWeight(owner + ".", meta, path=str(shard), prefetcher=prefetcher)
+            del meta
     for owner, parts in pending.items():
         qw = QuantizedWeight.from_state_tensors(parts, owner + ".")
         qw.set_compute_dtype(compute_dtype)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +33,11 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     quant = QuantSpec(cfg.bits, cfg.quant_type, cfg.double_quant)
     dtype = DTYPES[cfg.compute_dtype]
     factors, report = None, None
+    from qtune import compile as qcompile
+
+    qcompile.set_enabled(cfg.compile and qcompile.env_enabled())
     if cfg.init == "default":
-        model = load_model(model_dir, quant, dtype, cfg.trust_remote_code, progress=progress)
+        model = load_model(model_dir, quant, dtype, cfg.trust_remote_code, progress=progress, offload=cfg.offload)
     else:
         model, factors, report = load_initialised_base(model_dir, cfg, quant, dtype, run_dir, progress)
     attach_adapters(model, cfg.method, cfg.target_modules, cfg.rank, cfg.scale, cfg.dropout, cfg.seed,
@@ -49,8 +54,12 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         # context_fn lets the recomputation skip down_proj's base GEMM (qtune.recompute)
         kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
         recompute.mark_output_unused_in_recompute(model)
+        offload = cfg.offload_activations and torch.cuda.is_available()
+        if cfg.offload_activations and not offload:
+            warnings.warn("--offload-activations: activations are in host memory already on this CPU-only machine; "
+                          "nothing to offload (ignored).", stacklevel=2)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model, tokenizer, model_dir, report

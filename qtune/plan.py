@@ -139,14 +139,19 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     skeleton = build_skeleton(config, torch.bfloat16 if c == 2 else torch.float32)
     linears = {n: m for n, m in skeleton.named_modules() if n in set(quantized_linear_names(skeleton))}
 
-    base = 0
+    base, largest_linear = 0, 0
+    streamed = cfg.offload == "disk" or (cfg.offload == "cpu" and device == "cuda")
     tied = getattr(config, "tie_word_embeddings", False)
     for name, p in skeleton.named_parameters():
         owner = name.rpartition(".")[0]
         if owner in linears and name.endswith(".weight"):
-            base += quantized_linear_bytes(p.numel(), cfg.bits, cfg.double_quant, c)
+            nbytes = quantized_linear_bytes(p.numel(), cfg.bits, cfg.double_quant, c)
+            largest_linear = max(largest_linear, nbytes)
+            base += 0 if streamed else nbytes
         elif not (tied and name == "lm_head.weight"):  # tied: stored once, as the embedding
             base += p.numel() * c
+    if streamed:  # quant.offload: the linear in use and the one being prefetched
+        base += 2 * largest_linear
 
     targets = {n: m for n, m in linears.items() if n.rpartition(".")[2] in cfg.target_modules}
     if not targets:
@@ -215,11 +220,15 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> lis
              ("--seq-len", "seq_len", max(64, cfg.seq_len // 2)),
              ("--gradient-checkpointing", "gradient_checkpointing", True),
              ("--optim adamw8bit", "optim", "adamw8bit"),
-             ("--bits", "bits", 4)]
+             ("--bits", "bits", 4),
+             ("--offload disk", "offload", "disk")]
     for flag, field, value in tries:
         if getattr(cfg, field) == value:
             continue
-        new = dataclasses.replace(cfg, **{field: value})
+        try:
+            new = dataclasses.replace(cfg, **{field: value})
+        except QtuneError:  # not combinable with this run's other choices
+            continue
         p = plan_memory(new, device)
         need = p.total_bytes + p.overhead_bytes
         shown = flag if isinstance(value, bool) or " " in flag else f"{flag} {value}"

@@ -23,7 +23,7 @@ from qtune.memory import MemoryMeter, peak_rss_bytes
 from qtune.rosa_support import MASK_FILE, choose_supports
 from qtune.model import build_model, causal_lm_loss, decoder_layers, evaluate
 
-RESUME_FREE_KEYS = ("output", "max_steps")  # flags that may differ on --resume
+RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile")  # flags that may differ on --resume (same math)
 
 
 def compute_device() -> torch.device:
@@ -150,6 +150,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.lr_scheduler))
     meter.attach(decoder_layers(model))
+    over_limit_warned = False
     metrics_path = run_dir / "metrics.jsonl"
 
     step, micro_index = 0, 0
@@ -201,6 +202,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "peak_memory_bytes": meter.peak_bytes(), "peak_rss_bytes": peak_rss_bytes()}
         _log(metrics_path, record)
+        if cfg.max_memory > 0 and not over_limit_warned and record["peak_memory_bytes"] > cfg.max_memory * 2**30:
+            over_limit_warned = True
+            warnings.warn(f"step {step}: peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB is over --max-memory "
+                          f"{cfg.max_memory:g} GiB (the plan said it would fit: please report it). Lower --batch-size "
+                          "or --seq-len, or use --offload disk.", stacklevel=2)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{n_input / dt:.0f}")
         bar.update()
         final = step == total_steps
@@ -242,6 +248,13 @@ def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device) -> None:
     except Exception:  # noqa: BLE001 - the plan is advice; a problem with the model is reported by loading it
         return
     need, have = plan.total_bytes + plan.overhead_bytes, device_memory_bytes(device)
+    if cfg.max_memory > 0:
+        limit = int(cfg.max_memory * 2**30)
+        if need > limit:
+            tips = "; ".join(suggestions(cfg, limit, device.type)[:3])
+            raise QtuneError(f"qtune plan predicts {need / 2**30:.2f} GiB for this run, over --max-memory "
+                             f"{cfg.max_memory:g} GiB. Would fit better: {tips}. See `qtune plan` with the same flags.")
+        return
     if need > have:
         tips = "; ".join(suggestions(cfg, have, device.type)[:3])
         warnings.warn(f"qtune plan predicts {need / 2**30:.1f} GiB for this run, more than the {have / 2**30:.1f} GiB "

@@ -93,6 +93,34 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _eager_by_default():
+    """The suite runs qtune's fused kernels eagerly (the same math; compiling each new shape costs
+    seconds); tests of the compiled kernels ask for the `compiled` fixture."""
+    import qtune.compile as qc
+
+    old = os.environ.get("QTUNE_COMPILE")
+    os.environ["QTUNE_COMPILE"] = "0"
+    qc.set_enabled(False)
+    yield
+    if old is None:
+        os.environ.pop("QTUNE_COMPILE", None)
+    else:
+        os.environ["QTUNE_COMPILE"] = old
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    """torch.compile on for this test (qtune.compile), as in a user's run."""
+    import qtune.compile as qc
+
+    monkeypatch.setenv("QTUNE_COMPILE", "1")
+    monkeypatch.setattr(qc, "_enabled", True)
+    monkeypatch.setattr(qc, "_failed", False)
+    yield
+    assert not qc._failed, "torch.compile failed on this machine: the compiled path was not tested"
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """qtune's cache (converted and quantized models) goes to a fresh folder per test session."""
     old = os.environ.get("QTUNE_CACHE")

@@ -106,7 +106,7 @@ def test_quantized_equals_same_computation_on_dequantized_weight():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_matches_peft_dora(dropout):
+def test_matches_peft_dora(dropout, compiled):
     """Same A, B, magnitude as PEFT's DoRA (use_dora=True) → same output and gradients, dropout included.
 
     PEFT names the magnitude `lora_magnitude_vector.<adapter>.weight` in the model and

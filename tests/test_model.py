@@ -67,7 +67,7 @@ def _step_grads(model, ids):
 
 
 @pytest.mark.parametrize("method", ["qlora", "qrosa"])
-def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, tmp_path, method, monkeypatch):
+def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, tmp_path, method, monkeypatch, compiled):
     """Checkpointing with down_proj's base skipped in the recomputation gives the gradients of a run
     without checkpointing, and dequantizes 6 + 7 + 7 times per layer instead of 7 + 7 + 7."""
     from quant.formats import QuantizedWeight
@@ -103,7 +103,7 @@ def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, t
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
 
 
-def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path):
+def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path, compiled):
     """qtune's compiled eager attention and transformers' eager equal sdpa (fp32, GQA, left padding)."""
     from qtune.config import TrainConfig
     from qtune.model import EAGER_ATTENTION_BYTES, attention_implementation, build_model, eager_scores_bytes
@@ -137,7 +137,7 @@ def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_fused_norms_and_mlp_equal_transformers(tiny_model_factory, arch):
+def test_fused_norms_and_mlp_equal_transformers(tiny_model_factory, arch, compiled):
     """qtune.kernels' compiled RMSNorm and SiLU·up give transformers' logits and gradients (fp32)."""
     from transformers import AutoModelForCausalLM
 
@@ -157,3 +157,30 @@ def test_fused_norms_and_mlp_equal_transformers(tiny_model_factory, arch):
     torch.testing.assert_close(outs[1][0], outs[0][0], **TOL[torch.float32])
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_a_failing_compile_falls_back_to_the_same_eager_result(monkeypatch):
+    import warnings
+
+    from torch._dynamo.exc import TorchDynamoException
+
+    import qtune.compile as qc
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise TorchDynamoException("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(qc, "_enabled", True)
+    monkeypatch.setattr(qc, "_failed", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    f = qc.maybe_compile(lambda x: x * 2 + 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = f(torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 3.0)) and qc._failed
+    assert any("torch.compile failed" in str(w.message) for w in caught)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (lambda *a, **k: (_ for _ in ()).throw(ValueError("real bug"))))
+    monkeypatch.setattr(qc, "_failed", False)
+    with pytest.raises(ValueError, match="real bug"):  # not a compiler failure: it surfaces
+        qc.maybe_compile(lambda x: x)(torch.ones(1))

@@ -78,3 +78,15 @@ def test_training_warns_before_loading_when_the_plan_does_not_fit(tiny_llama, tm
     with pytest.warns(UserWarning, match=r"qtune plan predicts .* GiB .* run out of memory"):
         with pytest.raises(RuntimeError, match="loading started"):
             qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run")), progress=False)
+
+
+def test_offload_disk_plans_two_linears_of_the_base(tiny_llama):
+    config = json.loads((tiny_llama / "config.json").read_text())
+    h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    per_linear = [quantized_linear_bytes(o * n, 4) for o, n in [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]]
+    on = plan_memory(TrainConfig(model=str(tiny_llama), rank=4))
+    disk = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="disk"))
+    assert disk.base_weights == on.base_weights - L * sum(per_linear) + 2 * max(per_linear)
+    assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu")).base_weights == on.base_weights  # CPU: host = device
+    assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu"), "cuda").base_weights == disk.base_weights

@@ -5,9 +5,10 @@
 
 W' is never formed. n comes from the expansion, row i:
     n_i² = ‖W_i‖² + 2s·Σ_k B_ik (A Wᵀ)_ki + s²·Σ_k (B AAᵀ)_ik B_ik
-whose pieces are x-independent side products of the ONE dequantization of W the base GEMM needs
-anyway: ‖W_i‖² (a pass over W) and A Wᵀ (r extra rows in the GEMM). So no (out, in) temporary
-beyond that one dequantized W (dropped after the GEMM, as in QLoRA) and no state to go stale.
+whose pieces are x-independent: ‖W_i‖² is a constant of the frozen base (computed once, (out,)
+floats), and A Wᵀ is a side product of the ONE dequantization of W the base GEMM needs anyway
+(r extra rows). So no (out, in) temporary beyond that one dequantized W (dropped after the GEMM,
+as in QLoRA) and no state that can go stale.
 """
 
 from __future__ import annotations
@@ -19,28 +20,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import QuantLinear
+from qtune.compile import maybe_compile
 
 
 class _DequantProductsFn(torch.autograd.Function):
-    """From one dequantization of the frozen W (out, in): (x Wᵀ, A Wᵀ, ‖W‖²_row).
+    """From one dequantization of the frozen W (out, in): (x Wᵀ, A Wᵀ).
 
     Like quant's dequant_linear it saves only the packed weight for backward and dequantizes again
-    there; ‖W‖² is a constant (W is frozen), so its gradient is dropped."""
+    there."""
 
     @staticmethod
     def forward(ctx, x, lora_A, qweight):
         ctx.qweight = qweight
         w = qweight.dequantize(x.dtype)  # (out, in), freed on return
-        row_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()  # (out,)
-        ctx.mark_non_differentiable(row_sq)
-        return F.linear(x, w), F.linear(lora_A.to(x.dtype), w), row_sq
+        return F.linear(x, w), F.linear(lora_A.to(x.dtype), w)
 
     @staticmethod
-    def backward(ctx, grad_xw, grad_aw, _):
+    def backward(ctx, grad_xw, grad_aw):
         w = ctx.qweight.dequantize(grad_xw.dtype)
         grad_x = grad_xw @ w if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
         grad_a = (grad_aw.to(w.dtype) @ w).float() if ctx.needs_input_grad[1] else None  # (r, in)
         return grad_x, grad_a, None
+
+
+@maybe_compile
+def _dora_combine(xw, xdw, lora, delta):
+    """y = x Wᵀ + (m/n − 1) ⊙ x̃ Wᵀ + (m/n) ⊙ lora, one fused kernel (and one for its backward)."""
+    return xw + (delta * xdw + (1 + delta) * lora)
 
 
 class DoRALinear(nn.Module):
@@ -66,6 +72,7 @@ class DoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT and the LoRA reference code
         self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32))  # (out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._row_sq = None  # ‖W‖²_row of the frozen base, (out,) fp32, filled on first use
         self.reset_magnitude()
 
     def base_weight(self) -> torch.Tensor:
@@ -80,12 +87,17 @@ class DoRALinear(nn.Module):
         self.magnitude.copy_(torch.linalg.vector_norm(self.merged_direction(self.base_weight()), dim=1))
 
     def _frozen_products(self, x: torch.Tensor, lora_A: torch.Tensor):
-        """(x Wᵀ, A Wᵀ, ‖W‖²_row) without bias; gradient flows to x, and to A when it is not detached."""
+        """(x Wᵀ, A Wᵀ, ‖W‖²_row) without bias; gradient flows to x, and to A when it is not detached.
+        ‖W‖²_row is a constant of the frozen base: computed once, from the dequantized W (as used)."""
+        if self._row_sq is None or self._row_sq_key != (x.device, x.dtype):
+            with torch.no_grad():
+                w = self.base_weight().to(device=x.device, dtype=x.dtype)  # the values the GEMMs see
+                self._row_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+                self._row_sq_key = (x.device, x.dtype)
         if isinstance(self.base_layer, QuantLinear):
-            return _DequantProductsFn.apply(x, lora_A, self.base_layer.qweight)
+            return (*_DequantProductsFn.apply(x, lora_A, self.base_layer.qweight), self._row_sq)
         w = self.base_layer.weight.to(x.dtype)
-        row_sq = torch.linalg.vector_norm(w.detach(), dim=1, dtype=torch.float32).square()
-        return F.linear(x, w), F.linear(lora_A.to(x.dtype), w), row_sq
+        return F.linear(x, w), F.linear(lora_A.to(x.dtype), w), self._row_sq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_drop = self.dropout(x)  # identity in eval or with dropout 0
@@ -107,7 +119,7 @@ class DoRALinear(nn.Module):
 
         lora = self.scale * F.linear(F.linear(x_drop, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))  # (..., out)
         # PEFT's DoRA with dropout: the clean base plus corrections computed on the dropped-out input
-        y = xw + (delta * xdw + (1 + delta) * lora)
+        y = _dora_combine(xw, xdw, lora, delta)
         bias = self.base_layer.bias
         return y if bias is None else y + bias.to(y.dtype)
 
