@@ -265,7 +265,12 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
                 continue
             if not _has_tensor(model, key):
                 continue  # e.g. lm_head.weight of a tied model, rotary buffers
-            t = _get(f, key, shard)
+            if offload == "disk":  # positioned reads: the shard's pages never enter this process's RSS
+                from quant.offload import FILES
+
+                t = FILES.get(str(shard), key)
+            else:
+                t = _get(f, key, shard)
             if transform is not None and owner in linears and key == owner + ".weight":  # --bits 16
                 t = transform(owner, t)
             # a copy, not a view of the memory-mapped shard: the shard can be unmapped, and the
