@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+
 def env_enabled() -> bool:
     """QTUNE_COMPILE=0 turns compiling off whatever the run's config says."""
     return os.environ.get("QTUNE_COMPILE", "1") not in ("0", "false", "no")

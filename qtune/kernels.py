@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from qtune.compile import maybe_compile
 
@@ -29,18 +30,10 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scaling: fl
     return torch.softmax(z, dim=-1).to(scores.dtype)
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(b, kv_heads, s, d) -> (b, kv_heads·groups, s, d), as transformers' repeat_kv."""
-    if groups == 1:
-        return x
-    b, kvh, s, d = x.shape
-    return x[:, :, None].expand(b, kvh, groups, s, d).reshape(b, kvh * groups, s, d)
-
-
 def qtune_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """transformers' attention-function signature: (b, heads, t, d) inputs -> ((b, t, heads, d), None)."""
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # GQA: transformers' own helper
     scores = torch.matmul(query, key.transpose(2, 3))                      # (b, h, t, s)
     mask = None if attention_mask is None else attention_mask[:, :, :, :key.shape[-2]]
     probs = _masked_softmax(scores, mask, float(scaling))

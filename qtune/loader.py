@@ -227,6 +227,8 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
     while loading (to learn its format)."""
     from accelerate.utils import set_module_tensor_to_device
 
+    from quant.offload import FILES, Prefetcher, StreamedWeight
+
     shards = shard_files(model_dir)
     prequantized = is_prequantized(config)
     if prequantized:  # quantized modules = those whose quant-state blob is in the checkpoint
@@ -266,8 +268,6 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
             if not _has_tensor(model, key):
                 continue  # e.g. lm_head.weight of a tied model, rotary buffers
             if offload == "disk":  # positioned reads: the shard's pages never enter this process's RSS
-                from quant.offload import FILES
-
                 t = FILES.get(str(shard), key)
             else:
                 t = _get(f, key, shard)
@@ -279,8 +279,6 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
             set_module_tensor_to_device(model, key, "cpu", value=t)
     bar.close()
     if on_disk:
-        from quant.offload import FILES, Prefetcher, StreamedWeight
-
         prefetcher = Prefetcher()
         model._qtune_prefetcher = prefetcher
         order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # the forward's order

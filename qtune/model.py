@@ -10,6 +10,7 @@ from torch import nn
 
 from pathlib import Path
 
+from qtune import compile as qcompile
 from qtune.compile import enabled as qtune_compile_enabled, maybe_compile
 from qtune import kernels, recompute
 from qtune.adapters import attach_adapters, layer_options, set_initial_factors
@@ -33,8 +34,6 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     quant = QuantSpec(cfg.bits, cfg.quant_type, cfg.double_quant)
     dtype = DTYPES[cfg.compute_dtype]
     factors, report = None, None
-    from qtune import compile as qcompile
-
     qcompile.set_enabled(cfg.compile and qcompile.env_enabled())
     if cfg.init == "default":
         model = load_model(model_dir, quant, dtype, cfg.trust_remote_code, progress=progress, offload=cfg.offload)
@@ -79,8 +78,6 @@ def attention_implementation(config, batch: int, seq: int, checkpointing: bool, 
     sdpa's flash kernels win everywhere."""
     if device != "cpu" or not checkpointing:
         return "sdpa"
-    from qtune import kernels
-
     fits = eager_scores_bytes(config, batch, seq, compute_dtype) <= EAGER_ATTENTION_BYTES
     return kernels.NAME if fits else "sdpa"
 

@@ -73,6 +73,7 @@ class DoRALinear(nn.Module):
         self.magnitude = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32))  # (out,)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._row_sq = None  # ‖W‖²_row of the frozen base, (out,) fp32, filled on first use
+        self._row_sq_key = None  # the (device, dtype) it was computed for
         self.reset_magnitude()
 
     def base_weight(self) -> torch.Tensor:
