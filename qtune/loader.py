@@ -258,8 +258,8 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
                     on_disk.setdefault(owner, (shard, []))[1].append(key)
                     continue
                 t = _get(f, key, shard)
-                if prequantized:
-                    pending.setdefault(owner, {})[key] = t
+                if prequantized:  # a heap copy, like the tensors below: the meter then counts it
+                    pending.setdefault(owner, {})[key] = t.clone()
                     continue
                 t = transform(owner, t) if transform is not None and key == owner + ".weight" else t
                 _module(model, owner).qweight = (t if isinstance(t, QuantizedWeight) else

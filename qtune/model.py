@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 
 import torch
@@ -23,14 +25,17 @@ from qtune.loader import DTYPES, QuantSpec, load_config, load_model, load_tokeni
 IGNORE_INDEX = -100
 
 
-def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = True):
+def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = True, meter=None):
     """(model with adapters, tokenizer, model_dir, init report) for a run configuration.
+
+    meter (qtune.memory.MemoryMeter): the tokenizer is loaded outside what it counts.
 
     With --init pissa|milora|loftq the base is the initialiser's residual, computed while loading
     and kept in run_dir (see qtune.base_init); otherwise the shared quantized cache is used."""
     model_dir = resolve_model_dir(cfg.model)
     load_config(model_dir, cfg.trust_remote_code)  # an unsupported architecture is named before anything else
-    tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
+    with meter.excluding() if meter is not None else contextlib.nullcontext():
+        tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     quant = QuantSpec(cfg.bits, cfg.quant_type, cfg.double_quant)
     dtype = DTYPES[cfg.compute_dtype]
     factors, report = None, None

@@ -13,7 +13,8 @@ Each term is computed for qtune's own implementation (what its meter measures):
   uint8 moments (+ block scales) for tensors of ≥ 4096 elements.
 - activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h) plus, during
   one layer's recomputation and backward, that layer's internals (enumerated in
-  `layer_internals_bytes`); without checkpointing, every layer's internals.
+  `layer_internals_bytes`); without checkpointing, every layer's saved internals (the gradient
+  buffers of a layer's backward exist for one layer at a time either way).
 - logits: qtune's chunked cross-entropy holds one chunk's logits (bf16 head output + fp32 logits,
   turned into the softmax in place) plus the final hidden states and their gradient, never
   batch × seq × vocab at once.
@@ -66,8 +67,9 @@ class Plan:
         """The peak of live tensors: the larger of two moments of a step.
 
         loss:     persistent + saved layer inputs + the chunked cross-entropy (`logits`);
-        backward: persistent + saved layer inputs + one layer's internals + the gradients + the
-                  dequantized weight of the linear being differentiated.
+        backward: persistent + the saved activations and the adapter gradients at the worst point
+                  of the walk back through the layers (`backward_peak`) + one layer's internals +
+                  the dequantized weight of the linear being differentiated.
         (The optimizer step needs persistent + gradients + small temporaries: below both.)"""
         return self.persistent + max(self.loss_phase, self.backward_phase)
 
@@ -99,7 +101,7 @@ def quantized_linear_bytes(numel: int, bits: int, double_quant: bool = True, com
 
 
 def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float,
-                          attention: str = "sdpa") -> int:
+                          attention: str = "sdpa", split: bool = False) -> int | tuple[int, int]:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
 
     With eager attention (qtune.model.attention_implementation) the softmax output (fp32) and its
@@ -109,6 +111,8 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     to all heads (GQA repeat), the attention output, softmax log-sum-exp (fp32, per head), MLP
     gate/up/silu(gate)/product, each adapter's (x Aᵀ), dropout copies, and the gradient buffers of
     the widest tensors alive at the peak of the layer's backward.
+    split=True returns (saved, transient): what autograd keeps until the layer's backward is done,
+    and the gradient buffers that exist only during it (one layer at a time, checkpointing or not).
     """
     h, i = config.hidden_size, config.intermediate_size
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -118,13 +122,27 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
                  + 4 * c * i                        # gate, up, silu(gate), silu(gate)·up
-                 + n_adapters * c * rank            # x Aᵀ of each adapter
-                 + 2 * c * i)                       # gradients of the MLP's widest tensors at the peak
+                 + n_adapters * c * rank)           # x Aᵀ of each adapter
+    transient = 2 * c * i                           # gradients of the MLP's widest tensors at the peak
     if dropout > 0:
         per_token += 4 * c * h + c * i + 4 * h      # dropped-out copies of the adapters' inputs, masks
-    if attention != "sdpa":  # qtune.kernels' eager attention
-        per_token += 2 * (4 + c) * nh * seq - 4 * nh  # scores and their gradients; no log-sum-exp
-    return batch * seq * per_token
+    if attention != "sdpa":  # qtune.kernels' eager attention: the scores, no log-sum-exp
+        per_token += (4 + c) * nh * seq - 4 * nh    # softmax output (fp32) and its compute-dtype copy
+        transient += (4 + c) * nh * seq             # and their gradients
+    if split:
+        return batch * seq * per_token, batch * seq * transient
+    return batch * seq * (per_token + transient)
+
+
+def backward_peak(stored: int, grads: int, layers: int) -> int:
+    """Saved activations plus adapter gradients at the worst moment of the backward pass.
+
+    Backward walks the layers from the last to the first: each layer's saved tensors are freed
+    once it is done, and its adapters' gradients appear. At layer l (counting down from L−1),
+    layers 0..l still hold their share of `stored` and layers l..L−1 their share of `grads`, so the
+    sum is linear in l and its maximum is at an end: all stored + the last layer's gradients, or all
+    gradients + the first layer's stored share (counting both as alive at the crossing layer)."""
+    return max(stored + grads // layers, grads + stored // layers)
 
 
 def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
@@ -177,16 +195,18 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
     attention = attention_implementation(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
-    internals = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention)
+    saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True)
+    internals = saved + transient  # one layer's, during its recomputation and backward
     layer_inputs = L * b * t * config.hidden_size * c
-    activations = layer_inputs + internals if cfg.gradient_checkpointing else L * internals + layer_inputs
+    # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
+    activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)
     # one chunk's logits, plus the final hidden states and their gradient (n, h)
     logits = chunk * config.vocab_size * CE_BYTES_PER_LOGIT + 2 * b * t * config.hidden_size * c
     dequant = max((m.in_features * m.out_features for m in linears.values()), default=0) * c if cfg.bits != 16 else 0
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
                 loss_phase=layer_inputs + logits,
-                backward_phase=activations + grads + dequant)
+                backward_phase=backward_peak(activations - internals, grads, L) + internals + dequant)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
 

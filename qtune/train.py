@@ -19,7 +19,7 @@ from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_check
 from qtune.config import TrainConfig
 from qtune.data import load_splits
 from qtune.errors import QtuneError
-from qtune.memory import MemoryMeter, peak_rss_bytes
+from qtune.memory import MemoryMeter, current_rss_bytes, peak_rss_bytes, release_freed_memory_promptly
 from qtune.rosa_support import MASK_FILE, choose_supports
 from qtune.model import build_model, causal_lm_loss, decoder_layers, evaluate
 
@@ -131,10 +131,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     device = compute_device()
     warn_if_plan_does_not_fit(cfg, device)
+    if device.type == "cpu" and (cfg.max_memory > 0 or cfg.offload == "disk"):
+        release_freed_memory_promptly()  # RSS is the bounded quantity here
     torch.manual_seed(cfg.seed)
     _warm_up_libraries()
     meter = MemoryMeter(device)  # its baseline: the heap before the model exists
-    model, tokenizer, model_dir, init_report = build_model(cfg, run_dir, progress=progress)
+    model, tokenizer, model_dir, init_report = build_model(cfg, run_dir, progress=progress, meter=meter)
     model.to(device)
     train_rows, eval_rows, stats = load_splits(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len,
                                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows)
@@ -202,9 +204,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
                   "grad_norm": None if grad_norm is None else float(grad_norm),
                   "peak_memory_bytes": meter.peak_bytes(), "peak_rss_bytes": peak_rss_bytes()}
         _log(metrics_path, record)
-        if cfg.max_memory > 0 and not over_limit_warned and record["peak_memory_bytes"] > cfg.max_memory * 2**30:
+        used = record["peak_memory_bytes"] if device.type == "cuda" else record["peak_rss_bytes"]  # what the limit bounds
+        if cfg.max_memory > 0 and not over_limit_warned and used > cfg.max_memory * 2**30:
             over_limit_warned = True
-            warnings.warn(f"step {step}: peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB is over --max-memory "
+            warnings.warn(f"step {step}: peak {'memory' if device.type == 'cuda' else 'RSS'} {used / 2**30:.2f} GiB "
+                          f"is over --max-memory "
                           f"{cfg.max_memory:g} GiB (the plan said it would fit: please report it). Lower --batch-size "
                           "or --seq-len, or use --offload disk.", stacklevel=2)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{n_input / dt:.0f}")
@@ -249,11 +253,15 @@ def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device) -> None:
         return
     need, have = plan.total_bytes + plan.overhead_bytes, device_memory_bytes(device)
     if cfg.max_memory > 0:
+        # on CPU the limit bounds the process's RSS, which also holds the libraries already loaded
+        runtime = current_rss_bytes() if device.type == "cpu" else 0
         limit = int(cfg.max_memory * 2**30)
-        if need > limit:
-            tips = "; ".join(suggestions(cfg, limit, device.type)[:3])
-            raise QtuneError(f"qtune plan predicts {need / 2**30:.2f} GiB for this run, over --max-memory "
-                             f"{cfg.max_memory:g} GiB. Would fit better: {tips}. See `qtune plan` with the same flags.")
+        if need + runtime > limit:
+            tips = "; ".join(suggestions(cfg, limit - runtime, device.type)[:3])
+            raise QtuneError(f"qtune plan predicts {need / 2**30:.2f} GiB for this run"
+                             + (f" (+ {runtime / 2**30:.2f} GiB of loaded libraries)" if runtime else "")
+                             + f", over --max-memory {cfg.max_memory:g} GiB. Would fit better: {tips}. "
+                             "See `qtune plan` with the same flags.")
         return
     if need > have:
         tips = "; ".join(suggestions(cfg, have, device.type)[:3])

@@ -90,3 +90,64 @@ def test_offload_disk_plans_two_linears_of_the_base(tiny_llama):
     assert disk.base_weights == on.base_weights - L * sum(per_linear) + 2 * max(per_linear)
     assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu")).base_weights == on.base_weights  # CPU: host = device
     assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu"), "cuda").base_weights == disk.base_weights
+
+
+def test_max_memory_refuses_before_loading_counting_the_loaded_libraries(tiny_llama, tmp_path, monkeypatch):
+    """On CPU --max-memory bounds RSS: plan + overhead + what the process already holds must fit."""
+    import pytest
+
+    import qtune.train as qt
+    from qtune.errors import QtuneError
+
+    cfg = TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run"))
+    plan = plan_memory(cfg)
+    need = plan.total_bytes + plan.overhead_bytes
+    monkeypatch.setattr(qt, "build_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loading started")))
+    monkeypatch.setattr(qt, "current_rss_bytes", lambda: 2**30)  # the libraries: 1 GiB
+    limit = (need + 2**30 - 4096) / 2**30  # the plan alone fits, plan + libraries does not
+    with pytest.raises(QtuneError, match=r"predicts .* GiB .*\+ 1\.00 GiB of loaded libraries.*over --max-memory"):
+        qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run"), max_memory=limit), progress=False)
+    monkeypatch.setattr(qt, "release_freed_memory_promptly", lambda: None)  # keep this process's allocator as it is
+    with pytest.raises(RuntimeError, match="loading started"):  # with room for both, loading starts
+        qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run2"), max_memory=limit + 0.01),
+                 progress=False)
+
+
+def test_release_freed_memory_promptly_returns_freed_blocks_to_the_os():
+    """After it, freed 6 MiB tensors leave RSS at once; by default glibc keeps them resident in its arena
+    (once its dynamic mmap threshold has grown past them) when live blocks sit around the holes.
+    In a subprocess: it changes the process's allocator."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from qtune.memory import heap_in_use_bytes
+    if heap_in_use_bytes() == 0:
+        pytest.skip("not glibc: release_freed_memory_promptly changes nothing there")
+    code = """
+import sys, torch
+from qtune.memory import current_rss_bytes, release_freed_memory_promptly
+if sys.argv[1] == "1":
+    assert release_freed_memory_promptly()
+for _ in range(3):  # grow glibc's dynamic mmap threshold past 6 MiB
+    big = torch.ones(8 * 2**20, dtype=torch.uint8); del big
+before = current_rss_bytes()
+blocks = [torch.ones(6 * 2**20, dtype=torch.uint8) for _ in range(60)]
+del blocks[::2]  # free every other block: holes between live blocks, which no trim of the top reaches
+print((current_rss_bytes() - before) / 2**20 - 30 * 6)  # beyond the 30 live blocks
+"""
+    retained = {}
+    for mode in ("0", "1"):
+        res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
+        retained[mode] = float(res.stdout.split()[-1])
+    assert retained["1"] < 30 and retained["0"] > 120, retained  # MiB still resident of the 180 MiB freed
+
+
+def test_backward_peak_is_at_one_end_of_the_walk_back():
+    from qtune.plan import backward_peak
+
+    # 4 layers; saved activations 100 B (25 each), adapter gradients 40 B (10 each)
+    walk = [25 * (l + 1) + 10 * (4 - l) for l in range(4)]  # at layer l: layers 0..l stored, l..3 gradients
+    assert backward_peak(100, 40, 4) == max(walk) == 110
+    assert backward_peak(8, 400, 4) == 402  # gradients dominate: the peak is at the first layer

@@ -95,11 +95,14 @@ def write_quantized_model(out: Path, geometry: dict, layers: int | None, seed: i
             "folder_bytes": sum(p.stat().st_size for p in out.iterdir())}
 
 
-def train_once(model_dir: Path, offload: str, steps: int, seq_len: int, work: Path, method: str) -> dict:
+def train_once(model_dir: Path, offload: str, steps: int, seq_len: int, work: Path, method: str,
+               max_memory: float = 0.0) -> dict:
     run = work / f"run-{offload}"
     cmd = [sys.executable, "-m", "qtune.cli", "train", "--model", str(model_dir), "--method", method,
            "--seq-len", str(seq_len), "--batch-size", "1", "--max-steps", str(steps), "--eval-every", "0",
            "--eval-batches", "1", "--save-every", "0", "--offload", offload, "--output", str(run)]
+    if max_memory:
+        cmd += ["--max-memory", str(max_memory)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -108,7 +111,7 @@ def train_once(model_dir: Path, offload: str, steps: int, seq_len: int, work: Pa
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "step_time_s" in r]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    out = {"offload": offload, "wall_s": wall, "step_times_s": [r["step_time_s"] for r in steps_rows],
+    out = {"offload": offload, "max_memory_gib": max_memory, "wall_s": wall, "step_times_s": [r["step_time_s"] for r in steps_rows],
            "losses": [r["loss"] for r in steps_rows],
            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in steps_rows),
            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in steps_rows), "summary": summary}
@@ -132,21 +135,33 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--method", default="qdora")
     ap.add_argument("--modes", default="none,disk")
+    ap.add_argument("--max-memory", type=float, default=3.0,
+                    help="--max-memory (GiB) for the --offload disk run: below the quantized linears' size")
+    ap.add_argument("--keep-model", action="store_true", help="reuse --work's model folder if it is there")
     ap.add_argument("--work", default=None, help="folder for the model and runs (default: a temp folder, removed)")
     ap.add_argument("--out", default=str(ROOT / "tools/results/scale_7b.json"))
     ap.add_argument("--md", default=str(ROOT / "tools/results/scale_7b.md"))
+    ap.add_argument("--md-only", action="store_true", help="rewrite --md from --out's figures, run nothing")
     args = ap.parse_args()
+    if args.md_only:
+        return write_md(json.loads(Path(args.out).read_text()), Path(args.md))
     work = Path(args.work or tempfile.mkdtemp(prefix="qtune-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "model"
     try:
-        print(f"writing the quantized random model to {model_dir}", flush=True)
-        written = write_quantized_model(model_dir, json.loads(Path(args.config).read_text()), args.layers)
+        written_json = work / "written.json"
+        if args.keep_model and written_json.is_file() and (model_dir / "config.json").is_file():
+            written = json.loads(written_json.read_text())
+        else:
+            print(f"writing the quantized random model to {model_dir}", flush=True)
+            written = write_quantized_model(model_dir, json.loads(Path(args.config).read_text()), args.layers)
+            written_json.write_text(json.dumps(written))
         print(json.dumps(written), flush=True)
         runs = []
         for mode in args.modes.split(","):
             print(f"training --offload {mode} ...", flush=True)
-            r = train_once(model_dir, mode, args.steps, args.seq_len, work, args.method)
+            r = train_once(model_dir, mode, args.steps, args.seq_len, work, args.method,
+                           args.max_memory if mode == "disk" else 0.0)
             print(f"  step times {['%.1f' % t for t in r['step_times_s']]} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB,"
                   f" meter {r['peak_memory_bytes'] / 2**30:.2f} GiB, losses {r['losses']}", flush=True)
             runs.append(r)
@@ -160,25 +175,34 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     report = {"model": written, "config": args.config, "method": args.method, "seq_len": args.seq_len,
-              "runs": runs, "plans": plans, "plan_65b": plan65, "plan_65b_offload_disk": plan65_disk,
+              "steps": args.steps, "runs": runs, "plans": plans, "plan_65b": plan65, "plan_65b_offload_disk": plan65_disk,
               "cpu_threads": os.cpu_count()}
     Path(args.out).write_text(json.dumps(report, indent=1))
+    write_md(report, Path(args.md))
+
+
+def write_md(report: dict, path: Path) -> None:
+    written, runs, plans = report["model"], report["runs"], report["plans"]
+    plan65, plan65_disk = report["plan_65b"], report["plan_65b_offload_disk"]
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     lines = [f"# {written['layers']}-layer Llama-2-7B-geometry model (random weights) on this CPU", "",
              f"{written['params'] / 1e9:.2f} B parameters; NF4 + double-quant linears {gib(written['quantized_linear_bytes'])} GiB, "
              f"folder {gib(written['folder_bytes'])} GiB, written in {written['write_s']:.0f} s without any fp16 copy. "
-             f"`qtune train --method {args.method} --seq-len {args.seq_len} --batch-size 1`, {args.steps} steps, "
-             "shipped dataset. Step 1 includes torch.compile's first compile; the steady figure is the last step.", "",
-             "| --offload | step times (s) | peak RSS GiB | meter peak GiB | plan total GiB | losses |", "|---|---|---|---|---|---|"]
+             f"`qtune train --method {report['method']} --seq-len {report['seq_len']} --batch-size 1`, "
+             f"{report.get('steps', len(runs[0]['step_times_s']))} steps, shipped dataset, {report['cpu_threads']} CPU threads. "
+             "Peak RSS is the process's (ru_maxrss, loading included); the meter is its live-tensor peak.", "",
+             "| --offload | --max-memory GiB | step times (s) | peak RSS GiB | meter peak GiB | plan total GiB | losses |",
+             "|---|---|---|---|---|---|---|"]
     for r in runs:
         p = plans[r["offload"]]
-        lines.append(f"| {r['offload']} | {', '.join('%.1f' % t for t in r['step_times_s'])} | {gib(r['peak_rss_bytes'])} | "
-                     f"{gib(r['peak_memory_bytes'])} | {gib(p['total_bytes'])} | {', '.join('%.4f' % x for x in r['losses'])} |")
+        lines.append(f"| {r['offload']} | {r.get('max_memory_gib') or '–'} | {', '.join('%.1f' % t for t in r['step_times_s'])} | "
+                     f"{gib(r['peak_rss_bytes'])} | {gib(r['peak_memory_bytes'])} | {gib(p['total_bytes'])} | "
+                     f"{', '.join('%.4f' % x for x in r['losses'])} |")
     lines += ["", f"65B on paper (Llama-1-65B, QLoRA r64, batch 1 × 512, paged 8-bit AdamW): plan total "
               f"{plan65['total_bytes'] / 1e9:.1f} GB (+ {plan65['overhead_bytes'] / 1e9:.1f} GB overhead) for a 48 GB GPU; "
               f"with --offload disk {plan65_disk['total_bytes'] / 1e9:.1f} GB (+ {plan65_disk['overhead_bytes'] / 1e9:.1f}) "
               f"for a 24 GB GPU: fits = {plan65_disk.get('fits')}."]
-    Path(args.md).write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from quant import QuantLinear
 from qtune.compile import maybe_compile
+from qtune.memory import probe
 
 
 class _DequantProductsFn(torch.autograd.Function):
@@ -33,13 +34,16 @@ class _DequantProductsFn(torch.autograd.Function):
     def forward(ctx, x, lora_A, qweight):
         ctx.qweight = qweight
         w = qweight.dequantize(x.dtype)  # (out, in), freed on return
-        return F.linear(x, w), F.linear(lora_A.to(x.dtype), w)
+        out = F.linear(x, w), F.linear(lora_A.to(x.dtype), w)
+        probe()  # a memory meter samples while w is alive
+        return out
 
     @staticmethod
     def backward(ctx, grad_xw, grad_aw):
         w = ctx.qweight.dequantize(grad_xw.dtype)
         grad_x = grad_xw @ w if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
         grad_a = (grad_aw.to(w.dtype) @ w).float() if ctx.needs_input_grad[1] else None  # (r, in)
+        probe()
         return grad_x, grad_a, None
 
 
