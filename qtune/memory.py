@@ -92,11 +92,22 @@ def peak_rss_bytes() -> int:
 class MemoryMeter:
     """Tracks peak memory; `peak_bytes()` is what metrics.jsonl logs as peak_memory_bytes."""
 
+    # One CPU sample (mallinfo2 walks the allocator's bins) costs ~0.25 ms, and a SmolLM2 step takes
+    # ~700 of them: ~10% of the step if every step were sampled (tools/profile_step.py --time-only).
+    # Steps repeat the same shapes, so the meter samples the first SAMPLED_STEPS steps and every
+    # SAMPLE_EVERY-th one after; the other steps cost one sample at their end.
+    SAMPLED_STEPS, SAMPLE_EVERY = 3, 50
+
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.baseline = heap_in_use_bytes() if self.device.type != "cuda" else 0
         self.peak = 0
+        self.active = True
         self._handles = []
+
+    def begin_step(self, step: int) -> None:
+        """Before step `step` (1-based): whether its layers, linears and loss chunks are sampled."""
+        self.active = step <= self.SAMPLED_STEPS or step % self.SAMPLE_EVERY == 0
 
     def attach(self, layers: list[nn.Module]) -> "MemoryMeter":
         """Sample at each decoder layer's forward entry and exit (also during recomputation), in
@@ -110,6 +121,10 @@ class MemoryMeter:
         return self
 
     def sample(self) -> None:
+        if self.active:
+            self._sample()
+
+    def _sample(self) -> None:
         if self.device.type == "cuda":
             return
         self.peak = max(self.peak, heap_in_use_bytes() - self.baseline)
@@ -128,7 +143,7 @@ class MemoryMeter:
     def peak_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        self.sample()
+        self._sample()
         return self.peak or peak_rss_bytes()
 
     def detach(self) -> None:

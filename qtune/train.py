@@ -172,6 +172,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress)
     last_loss = float("nan")
     while step < total_steps:
+        meter.begin_step(step + 1)
         t0 = time.perf_counter()
         batches = [micro_batch_rows(micro_index + k, len(train_rows), cfg.batch_size, cfg.seed)
                    for k in range(cfg.grad_accum)]

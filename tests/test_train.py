@@ -119,3 +119,22 @@ def test_lr_schedule_warms_up_then_decays():
     assert f[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert all(a >= b for a, b in zip(f[5:], f[6:])) and f[-1] >= 0.1
     assert lr_factor(10, 20, 0, "constant") == 1.0
+
+
+def test_memory_meter_samples_the_first_steps_and_every_50th():
+    """Each CPU sample costs ~0.25 ms (tools/profile_step.py --time-only), so layers/linears/loss
+    chunks are sampled on steps 1-3 and every 50th; the others are not, and peak_bytes still reads once."""
+    from qtune.memory import MemoryMeter
+
+    meter = MemoryMeter(torch.device("cpu"))
+    active = []
+    for step in range(1, 101):
+        meter.begin_step(step)
+        active.append(meter.active)
+    assert [k + 1 for k, a in enumerate(active) if a] == [1, 2, 3, 50, 100]
+    meter.begin_step(4)
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)
+    meter.sample()  # not sampled on step 4
+    assert meter.peak < 32 * 2**20
+    assert meter.peak_bytes() >= 64 * 2**20  # the step-end read always samples
+    del big

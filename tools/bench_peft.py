@@ -226,7 +226,11 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int) -
     before = heldout_loss(model, data, autocast=False)
     model.train()
 
+    done = [0]
+
     def step(ids, mask, labels):  # the body of qtune.train.train's step (grad_accum 1), minus logging
+        done[0] += 1
+        meter.begin_step(done[0])
         n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
         loss, _ = causal_lm_loss(model, ids, mask, labels)
         (loss / max(n_tokens, 1)).backward()

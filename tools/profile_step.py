@@ -72,8 +72,11 @@ def main() -> None:
         return {}
     bp._train_loop = capture
     bp.heldout_loss = lambda *a, **k: 0.0
+    import qtune.memory as qmem
+
+    real_detach, qmem.MemoryMeter.detach = qmem.MemoryMeter.detach, lambda self: None  # keep the meter on
     bp.worker_qtune(args.method, data, work, args.warmup, args.steps)
-    bp._train_loop = real_loop
+    bp._train_loop, qmem.MemoryMeter.detach = real_loop, real_detach
     step = steps_seen[0]
     order = data["order"]
 
@@ -81,18 +84,46 @@ def main() -> None:
         rows = order[s]
         return step(data["input_ids"][rows], data["attention_mask"][rows], data["labels"][rows])
 
+    calls = [0]
+    real_heap = qmem.heap_in_use_bytes
+
+    def counted():  # every meter sample reads the heap once: count them per step
+        calls[0] += 1
+        return real_heap()
+    qmem.heap_in_use_bytes = counted
+    samples = []
     for s in range(args.warmup):
+        calls[0] = 0
         run(s)
+        samples.append(calls[0])
     if args.time_only:
         walls = []
         for s in range(args.warmup, args.warmup + args.steps):
+            calls[0] = 0
             t0 = time.perf_counter()
             run(s)
             walls.append(time.perf_counter() - t0)
+            samples.append(calls[0])
+        qmem.heap_in_use_bytes = real_heap
         walls.sort()
-        print(f"{args.method}: median {walls[len(walls) // 2]:.3f} s/step over {args.steps} steps "
+        median = walls[len(walls) // 2]
+        print(f"{args.method}: median {median:.3f} s/step over {args.steps} steps "
               f"(min {walls[0]:.3f}, max {walls[-1]:.3f})")
+        # the memory meter's cost: samples per step x the cost of one sample, in this process's heap state
+        meter = qmem.MemoryMeter(torch.device("cpu"))
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            meter.sample()
+        per_sample = (time.perf_counter() - t0) / 2000
+        full = max(samples)
+        n = 1000
+        sampled = sum(1 for k in range(1, n + 1)
+                      if k <= qmem.MemoryMeter.SAMPLED_STEPS or k % qmem.MemoryMeter.SAMPLE_EVERY == 0)
+        print(f"memory meter: samples per step {samples} (steps 1..{len(samples)}); one sample {per_sample * 1e6:.1f} us; "
+              f"a sampled step pays {full * per_sample * 1e3:.1f} ms = {full * per_sample / median:.2%} of the step; "
+              f"over {n} steps ({sampled} sampled) {sampled * full * per_sample / (n * median):.2%}")
         return
+    qmem.heap_in_use_bytes = real_heap
     walls = []
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for s in range(args.warmup, args.warmup + args.steps):
