@@ -84,7 +84,19 @@ def release_freed_memory_promptly(threshold: int = 4 * 2**20, arenas: int = 2) -
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far."""
+    """The process's peak resident set size so far.
+
+    On Linux this is /proc/self/status's VmHWM, the high-water mark of this program's own address
+    space. getrusage's ru_maxrss is not: the kernel carries it over from the parent across exec (and a
+    vfork'ed child starts from the parent's mark), so `qtune train` launched from a 3 GiB Jupyter or
+    pytest process would report at least 3 GiB (tests/test_memory.py shows it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 

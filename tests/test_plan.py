@@ -144,6 +144,27 @@ print((current_rss_bytes() - before) / 2**20 - 30 * 6)  # beyond the 30 live blo
     assert retained["1"] < 30 and retained["0"] > 120, retained  # MiB still resident of the 180 MiB freed
 
 
+def test_peak_rss_is_the_programs_own_not_its_parents():
+    """`qtune train` started from a big process (pytest, Jupyter, a benchmark driver) reports its own
+    peak RSS: ru_maxrss carries the parent's high-water mark across fork/vfork + exec on Linux, which
+    once made a 1.8 GiB run read 2.6 GiB in the slow offload test."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from qtune.memory import peak_rss_bytes
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux's")
+    held = bytearray(768 * 2**20)  # touched: calloc'd pages are resident only once written
+    held[::4096] = b"\x01" * len(held[::4096])
+    assert peak_rss_bytes() > 700 * 2**20
+    code = "import torch; from qtune.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    del held
+    child = int(res.stdout.split()[-1])
+    assert child < 600 * 2**20, child / 2**20  # torch imported: ~300 MiB of its own
+
 def test_backward_peak_is_at_one_end_of_the_walk_back():
     from qtune.plan import backward_peak
 

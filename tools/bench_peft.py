@@ -18,8 +18,8 @@ Methods and their peers:
     lora16  qtune --method qlora --bits 16  | PEFT LoRA on the bf16 base (no quantization)
 
 How it measures:
-  * Every (side, method) run is its own process (`--worker SIDE METHOD`), so ru_maxrss is that run's
-    peak RSS. For each method the parent runs qtune, peer, qtune, peer, ... (--repeats pairs), and
+  * Every (side, method) run is its own process (`--worker SIDE METHOD`), so its peak RSS (VmHWM) is that
+    run's own. For each method the parent runs qtune, peer, qtune, peer, ... (--repeats pairs), and
     reports medians over runs and the median over pairs of the per-pair ratio qtune/peer.
   * Same tokens: the parent tokenizes once (qtune.data.load_splits on symlink folders of the plays and
     of the held-out works, Hamlet + Sonnets) and hands both sides the same token rows, the same
@@ -54,7 +54,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,17 +61,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from qtune.memory import peak_rss_bytes  # VmHWM: ru_maxrss would carry over the parent's peak
+
 METHODS = ("qlora", "qdora", "qpissa", "qrosa", "lora16")
 PEERLESS = {"qrosa": "qlora"}  # method -> the qtune method it is compared with instead
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ_LEN, BATCH, RANK, ALPHA, LR, MAX_GRAD_NORM, SEED = 256, 4, 16, 16, 2e-4, 1.0, 0
 GEMM_N = 2048
 IGNORE_INDEX = -100
-
-
-def peak_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def quiet_bitsandbytes():

@@ -15,10 +15,10 @@ import sys
 import tempfile
 
 CHILD = r"""
-import json, os, resource, sys, time, torch
+import json, os, sys, time, torch
 from pathlib import Path
 from qtune.loader import QuantSpec, load_model, resolve_model_dir, shard_files
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from qtune.memory import peak_rss_bytes as rss
 from qtune.loader import build_skeleton, load_config
 from quant import quantize
 model_dir = resolve_model_dir(sys.argv[1] or None)

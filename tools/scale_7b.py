@@ -190,7 +190,7 @@ def write_md(report: dict, path: Path) -> None:
              f"folder {gib(written['folder_bytes'])} GiB, written in {written['write_s']:.0f} s without any fp16 copy. "
              f"`qtune train --method {report['method']} --seq-len {report['seq_len']} --batch-size 1`, "
              f"{report.get('steps', len(runs[0]['step_times_s']))} steps, shipped dataset, {report['cpu_threads']} CPU threads. "
-             "Peak RSS is the process's (ru_maxrss, loading included); the meter is its live-tensor peak.", "",
+             "Peak RSS is the process's (VmHWM, loading included); the meter is its live-tensor peak.", "",
              "| --offload | --max-memory GiB | step times (s) | peak RSS GiB | meter peak GiB | plan total GiB | losses |",
              "|---|---|---|---|---|---|---|"]
     for r in runs:
