@@ -44,6 +44,31 @@ def test_lora_equals_base_at_init_and_matches_naive(quantized, bias):
     assert all(p.grad is None for p in base.parameters())
 
 
+def test_lora_with_dropout_matches_the_equation_on_the_same_mask():
+    """Dropout on the adapter's input only: y = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ; dL/dx gets the base's part
+    through x and the adapter's through the mask (the fused node's separate-input path)."""
+    torch.manual_seed(3)
+    lin = nn.Linear(48, 40)
+    base = QuantLinear.from_linear(lin, compute_dtype=torch.float32)
+    layer = LoRALinear(base, rank=4, scale=2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x1 = torch.randn(3, 5, 48).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    torch.manual_seed(7)
+    y = layer(x1)
+    y.square().sum().backward()
+    A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    torch.manual_seed(7)
+    x_d = torch.nn.functional.dropout(x2, 0.5)  # the same mask
+    W = base.dequantized_weight(torch.float32)
+    ref = x2 @ W.T + lin.bias.detach() + 2.0 * (x_d @ A.T) @ B.T
+    ref.square().sum().backward()
+    torch.testing.assert_close(y.detach(), ref.detach(), **TOL[torch.float32])
+    for got, want in [(x1.grad, x2.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)]:
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_lora_matches_peft_forward_and_gradients():
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
@@ -69,11 +94,11 @@ def test_lora_matches_peft_forward_and_gradients():
         ours.q_proj.lora_B.copy_(peft_layer.lora_B["default"].weight)
     x = torch.randn(4, 32)
     y_ref, y = ref_model(x), ours(x)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
     y_ref.square().sum().backward()
     y.square().sum().backward()
-    torch.testing.assert_close(ours.q_proj.lora_A.grad, peft_layer.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.q_proj.lora_B.grad, peft_layer.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.q_proj.lora_A.grad, peft_layer.lora_A["default"].weight.grad, **TOL[torch.float32])
+    torch.testing.assert_close(ours.q_proj.lora_B.grad, peft_layer.lora_B["default"].weight.grad, **TOL[torch.float32])
 
 
 def test_merge_equals_unmerged_and_is_idempotent():

@@ -16,6 +16,85 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.recompute import can_skip
+from quant import QuantLinear
+from quant.linear import _probe
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """y = x·D(W)ᵀ (+ bias) + s·(x_d·Aᵀ)·Bᵀ as one autograd node (x_d: x after dropout).
+
+    Eager autograd runs a LoRA linear as ~8 nodes (two casts, three GEMMs, a scale, an add) with
+    two full (tokens × out) passes for the scale and the add, and sums dL/dx's two parts in a third.
+    Here the adapter's output GEMM accumulates into the base GEMM's output (addmm_, the scale folded
+    into the r-column B) and backward does the same for dL/dx: dL/dx = g·D(W) + (s·g·B)·A. Saved:
+    x_d and h = x_d·Aᵀ (as eager LoRA saves) and A, B; never the dequantized weight, which backward
+    dequantizes again. `skip_base` (the recomputation of an output that only feeds a sum, see
+    qtune.recompute) leaves out the base GEMM and saves the same tensors."""
+
+    @staticmethod
+    def forward(ctx, x, x_d, lora_A, lora_B, base, scale: float, skip_base: bool):
+        dtype = x.dtype
+        a, b_s = lora_A.to(dtype), (lora_B * scale).to(dtype)  # (r, in), (out, r): tiny
+        h = F.linear(x_d, a)                                     # (..., r)
+        if skip_base:
+            y = F.linear(h, b_s)
+        else:
+            w, bias = _base_weight(base, dtype)
+            y = F.linear(x, w, None if bias is None else bias.to(dtype))
+            _probe()
+            del w
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_s.t())
+        ctx.save_for_backward(x_d, h, lora_A, lora_B)
+        ctx.base, ctx.scale, ctx.same_input = base, scale, x_d is x
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_d, h, lora_A, lora_B = ctx.saved_tensors
+        dtype, out_f = grad_out.dtype, grad_out.shape[-1]
+        g = grad_out.reshape(-1, out_f)
+        a, b_s = lora_A.to(dtype), (lora_B * ctx.scale).to(dtype)
+        gh = g @ b_s                                                      # (N, r) = s·g·B
+        grad_B = (g.t() @ h.reshape(-1, h.shape[-1])).float().mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        grad_A = (gh.t() @ x_d.reshape(-1, x_d.shape[-1])).float() if ctx.needs_input_grad[2] else None
+        grad_x = grad_x_d = None
+        if ctx.needs_input_grad[0]:
+            w, _ = _base_weight(ctx.base, dtype)
+            grad_x = g @ w                                                # (N, in)
+            _probe()
+            del w
+            if ctx.same_input:
+                grad_x.addmm_(gh, a)
+            grad_x = grad_x.view(*grad_out.shape[:-1], -1)
+        if ctx.needs_input_grad[1] and not ctx.same_input:
+            grad_x_d = (gh @ a).view(*grad_out.shape[:-1], -1)
+        return grad_x, grad_x_d, grad_A, grad_B, None, None, None
+
+
+def _base_weight(base: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen base's weight in `dtype` (dequantized for a QuantLinear) and its bias."""
+    if isinstance(base, QuantLinear):
+        return base.qweight.dequantize(dtype), base.bias
+    return base.weight.to(dtype), base.bias
+
+
+def fusable(base: nn.Module) -> bool:
+    """A base the fused LoRA node can compute: a QuantLinear or a frozen nn.Linear, without hooks
+    (RoSA's support selection taps the base's output)."""
+    return (isinstance(base, (QuantLinear, nn.Linear)) and not base._forward_hooks and not base._forward_pre_hooks
+            and not any(p.requires_grad for p in base.parameters()))
+
+
+def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool) -> torch.Tensor:
+    """base(x) + s·dropout(x)·Aᵀ·Bᵀ for a LoRA-style layer (lora_A, lora_B, scale, dropout,
+    base_layer); only the adapter's part when `skip_base`. One fused node where the base allows it."""
+    x_d = layer.dropout(x)
+    if fusable(layer.base_layer):
+        return _LoRALinearFn.apply(x, x_d, layer.lora_A, layer.lora_B, layer.base_layer, float(layer.scale),
+                                   bool(skip_base))
+    a, b = layer.lora_A.to(x.dtype), layer.lora_B.to(x.dtype)
+    lora = layer.scale * F.linear(F.linear(x_d, a), b)  # (..., r) -> (..., out)
+    return lora if skip_base else layer.base_layer(x) + lora
 
 
 class LoRALinear(nn.Module):
@@ -33,11 +112,8 @@ class LoRALinear(nn.Module):
         self.skip_base_in_recompute = False  # set by qtune.recompute where the output only feeds a sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        lora = self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
-        if can_skip(self):
-            return lora  # backward reads only the adapter's saved tensors (see qtune.recompute)
-        return self.base_layer(x) + lora
+        # in a recomputation the base may be skipped: backward reads only the adapter's saved tensors
+        return lora_forward(self, x, can_skip(self))
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·BA, (out, in) fp32."""

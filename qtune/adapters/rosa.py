@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.adapters.lora import lora_forward
 from qtune.recompute import can_skip
 
 
@@ -143,10 +144,7 @@ class RoSALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = can_skip(self)  # only saved tensors matter (qtune.recompute)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        y = self.scale * F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
-        if not skip:
-            y = self.base_layer(x) + y
+        y = lora_forward(self, x, skip)  # base + s·BA x (fused where the base allows it)
         if self.nnz == 0:
             return y
         return y + _SparseLinearFn.apply(x, self.sparse_values, self.csr_crow, self.csr_cols,
