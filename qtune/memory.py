@@ -89,7 +89,7 @@ def peak_rss_bytes() -> int:
     On Linux this is /proc/self/status's VmHWM, the high-water mark of this program's own address
     space. getrusage's ru_maxrss is not: the kernel carries it over from the parent across exec (and a
     vfork'ed child starts from the parent's mark), so `qtune train` launched from a 3 GiB Jupyter or
-    pytest process would report at least 3 GiB (tests/test_memory.py shows it)."""
+    pytest process would report at least 3 GiB (tests/test_plan.py shows it)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.memory import probe
 from qtune.recompute import can_skip
 from quant import QuantLinear
-from quant.linear import _probe
 
 
 class _LoRALinearFn(torch.autograd.Function):
@@ -41,7 +41,7 @@ class _LoRALinearFn(torch.autograd.Function):
         else:
             w, bias = _base_weight(base, dtype)
             y = F.linear(x, w, None if bias is None else bias.to(dtype))
-            _probe()
+            probe()
             del w
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_s.t())
         ctx.save_for_backward(x_d, h, lora_A, lora_B)
@@ -61,7 +61,7 @@ class _LoRALinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w, _ = _base_weight(ctx.base, dtype)
             grad_x = g @ w                                                # (N, in)
-            _probe()
+            probe()
             del w
             if ctx.same_input:
                 grad_x.addmm_(gh, a)
