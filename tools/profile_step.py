@@ -117,8 +117,10 @@ def main() -> None:
         per_sample = (time.perf_counter() - t0) / 2000
         full = max(samples)
         n = 1000
-        sampled = sum(1 for k in range(1, n + 1)
-                      if k <= qmem.MemoryMeter.SAMPLED_STEPS or k % qmem.MemoryMeter.SAMPLE_EVERY == 0)
+        sampled = 0
+        for k in range(1, n + 1):  # the meter's own schedule
+            meter.begin_step(k)
+            sampled += meter.active
         print(f"memory meter: samples per step {samples} (steps 1..{len(samples)}); one sample {per_sample * 1e6:.1f} us; "
               f"a sampled step pays {full * per_sample * 1e3:.1f} ms = {full * per_sample / median:.2%} of the step; "
               f"over {n} steps ({sampled} sampled) {sampled * full * per_sample / (n * median):.2%}")
