@@ -328,3 +328,70 @@ def test_dropout_only_on_the_low_rank_path():
     with torch.no_grad():
         with_dropout.lora_B.zero_(), without.lora_B.zero_()
     torch.testing.assert_close(with_dropout.train()(x), without(x), **FP32)  # x Sᵀ sees the clean x
+
+
+class _FixedMask(nn.Module):
+    """A dropout stand-in with a known mask, so a naive reference can use the same one."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@pytest.mark.parametrize("kind", ["quant", "dense"])
+def test_fused_node_with_dropout_trains_s_on_the_clean_input(kind):
+    """In the fused node (x·(W + S)ᵀ), dropout reaches only the low-rank path: dL/dS reads x, not x_d."""
+    base = make_base(kind)
+    layer = randomize_(RoSALinear(base, RANK, SCALE, indices=random_support()))
+    mask = (torch.rand(IN, generator=torch.Generator().manual_seed(3)) > 0.5).float() * 2.0
+    layer.dropout = _FixedMask(mask)
+    x = torch.randn(3, 5, IN, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B, layer.sparse_values]
+    A, B, v = (p.detach().clone().requires_grad_(True) for p in params)
+    x_ref = x.detach().clone().requires_grad_(True)
+    S = torch.zeros(OUT * IN).index_put((layer.sparse_indices,), v).view(OUT, IN)
+    y_ref = F.linear(x_ref, dense_weight(base), base.bias) + SCALE * F.linear(F.linear(x_ref * mask, A), B) \
+        + F.linear(x_ref, S)
+    y = layer(x)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    grad_out = torch.randn_like(y_ref)
+    got = torch.autograd.grad(y, params + [x], grad_out)
+    want = torch.autograd.grad(y_ref, [A, B, v, x_ref], grad_out)
+    for name, g, w in zip(["A", "B", "sparse_values", "x"], got, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, **FP32, msg=lambda s: f"grad of {name}: {s}")
+
+
+def _out_by_in_tensors(layer, x) -> int:
+    """How many distinct (out, in)-sized tensors a forward + backward of `layer` creates."""
+    observed = _LargestTensors()
+    seen = set()
+
+    class _Ptrs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() == OUT * IN:
+                    seen.add(t.untyped_storage().data_ptr())
+            return out
+
+    with _Ptrs(), observed:
+        layer(x).sum().backward()
+    return len(seen)
+
+
+def test_fused_node_forms_no_dense_tensor_beyond_the_base_weight():
+    """S is folded into the dequantized weight that the GEMM forms anyway: a RoSA layer creates no more
+    (out, in) tensors than a LoRA layer on the same base (none of them a dense S)."""
+    from qtune.adapters.lora import LoRALinear
+
+    base = make_base("quant")
+    x = torch.randn(2, 4, IN, dtype=torch.bfloat16, requires_grad=True)  # 8 tokens: no activation is out·in
+    rosa = randomize_(RoSALinear(base, RANK, SCALE, indices=random_support()))
+    lora = LoRALinear(base, RANK, SCALE)
+    n_lora, n_rosa = _out_by_in_tensors(lora, x), _out_by_in_tensors(rosa, x)
+    assert n_lora >= 1 and n_rosa == n_lora  # the dequantized weight, forward and backward
+    assert rosa.sparse_values.grad.abs().max() > 0

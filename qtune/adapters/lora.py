@@ -29,37 +29,41 @@ class _LoRALinearFn(torch.autograd.Function):
     into the r-column B) and backward does the same for dL/dx: dL/dx = g·D(W) + (s·g·B)·A. Saved:
     x_d and h = x_d·Aᵀ (as eager LoRA saves) and A, B; never the dequantized weight, which backward
     dequantizes again. `skip_base` (the recomputation of an output that only feeds a sum, see
-    qtune.recompute) leaves out the base GEMM and saves the same tensors."""
+    qtune.recompute) leaves out the base GEMM and saves the same tensors.
+    With RoSA's sparse term (`sparse_values`, `sparse`) the base weight becomes W + S (see
+    _base_weight), and backward adds dL/dvalues by an SDDMM; x is saved too when dropout makes x_d
+    differ from it."""
 
     @staticmethod
-    def forward(ctx, x, x_d, lora_A, lora_B, base, scale: float, skip_base: bool):
+    def forward(ctx, x, x_d, lora_A, lora_B, base, scale: float, skip_base: bool, sparse_values=None, sparse=None):
         dtype = x.dtype
         a, b_s = lora_A.to(dtype), (lora_B * scale).to(dtype)  # (r, in), (out, r): tiny
         h = F.linear(x_d, a)                                     # (..., r)
-        if skip_base:
+        if skip_base:  # the sparse term x·Sᵀ (RoSA) only feeds the same unused sum: skipped with the base
             y = F.linear(h, b_s)
         else:
-            w, bias = _base_weight(base, dtype)
+            w, bias = _base_weight(base, dtype, sparse, sparse_values)
             y = F.linear(x, w, None if bias is None else bias.to(dtype))
             probe()
             del w
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_s.t())
-        ctx.save_for_backward(x_d, h, lora_A, lora_B)
-        ctx.base, ctx.scale, ctx.same_input = base, scale, x_d is x
+        # the same tensors with or without skip_base: a recomputation must save what the forward saved
+        ctx.save_for_backward(x_d, h, lora_A, lora_B, sparse_values, x if sparse is not None and x_d is not x else None)
+        ctx.base, ctx.scale, ctx.same_input, ctx.sparse = base, scale, x_d is x, sparse
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_d, h, lora_A, lora_B = ctx.saved_tensors
+        x_d, h, lora_A, lora_B, sparse_values, x_sparse = ctx.saved_tensors
         dtype, out_f = grad_out.dtype, grad_out.shape[-1]
         g = grad_out.reshape(-1, out_f)
         a, b_s = lora_A.to(dtype), (lora_B * ctx.scale).to(dtype)
         gh = g @ b_s                                                      # (N, r) = s·g·B
         grad_B = (g.t() @ h.reshape(-1, h.shape[-1])).float().mul_(ctx.scale) if ctx.needs_input_grad[3] else None
         grad_A = (gh.t() @ x_d.reshape(-1, x_d.shape[-1])).float() if ctx.needs_input_grad[2] else None
-        grad_x = grad_x_d = None
+        grad_x = grad_x_d = grad_values = None
         if ctx.needs_input_grad[0]:
-            w, _ = _base_weight(ctx.base, dtype)
+            w, _ = _base_weight(ctx.base, dtype, ctx.sparse, sparse_values)
             grad_x = g @ w                                                # (N, in)
             probe()
             del w
@@ -68,14 +72,26 @@ class _LoRALinearFn(torch.autograd.Function):
             grad_x = grad_x.view(*grad_out.shape[:-1], -1)
         if ctx.needs_input_grad[1] and not ctx.same_input:
             grad_x_d = (gh @ a).view(*grad_out.shape[:-1], -1)
-        return grad_x, grad_x_d, grad_A, grad_B, None, None, None
+        if ctx.needs_input_grad[7]:  # RoSA: dL/dS at S's support, Σ_t g[t, row]·x[t, col] (SDDMM)
+            xs = x_d if x_sparse is None else x_sparse
+            grad_values = ctx.sparse.values_grad(g, xs.reshape(-1, xs.shape[-1]))
+        return grad_x, grad_x_d, grad_A, grad_B, None, None, None, grad_values, None
 
 
-def _base_weight(base: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The frozen base's weight in `dtype` (dequantized for a QuantLinear) and its bias."""
+def _base_weight(base: nn.Module, dtype: torch.dtype, sparse=None,
+                 sparse_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen base's weight in `dtype` (dequantized for a QuantLinear) and its bias; with a
+    sparse term (RoSA), W + S: S's nnz values added into that (out, in) weight, which the GEMM forms
+    anyway, so x·(W + S)ᵀ is one GEMM (never a copy of the base's own parameter)."""
     if isinstance(base, QuantLinear):
-        return base.qweight.dequantize(dtype), base.bias
-    return base.weight.to(dtype), base.bias
+        w = base.qweight.dequantize(dtype)  # a fresh tensor
+    else:
+        w = base.weight.to(dtype)
+        if sparse is not None and w.data_ptr() == base.weight.data_ptr():
+            w = w.clone()
+    if sparse is not None:
+        sparse.fold_(w, sparse_values)
+    return w, base.bias
 
 
 def fusable(base: nn.Module) -> bool:
@@ -85,13 +101,17 @@ def fusable(base: nn.Module) -> bool:
             and not any(p.requires_grad for p in base.parameters()))
 
 
-def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool) -> torch.Tensor:
+def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool, sparse: tuple | None = None) -> torch.Tensor:
     """base(x) + s·dropout(x)·Aᵀ·Bᵀ for a LoRA-style layer (lora_A, lora_B, scale, dropout,
-    base_layer); only the adapter's part when `skip_base`. One fused node where the base allows it."""
+    base_layer); only the adapter's part when `skip_base`. One fused node where the base allows it;
+    `sparse` = (values, term) adds RoSA's x·Sᵀ inside that node (fusable bases only: see fold_ and
+    values_grad in qtune.adapters.rosa)."""
     x_d = layer.dropout(x)
     if fusable(layer.base_layer):
+        values, term = sparse if sparse is not None else (None, None)
         return _LoRALinearFn.apply(x, x_d, layer.lora_A, layer.lora_B, layer.base_layer, float(layer.scale),
-                                   bool(skip_base))
+                                   bool(skip_base), values, term)
+    assert sparse is None, "a sparse term is fused only on a fusable base"
     a, b = layer.lora_A.to(x.dtype), layer.lora_B.to(x.dtype)
     lora = layer.scale * F.linear(F.linear(x_d, a), b)  # (..., r) -> (..., out)
     return lora if skip_base else layer.base_layer(x) + lora
