@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
-from transformers.models.llama.modeling_llama import repeat_kv
 
 from qtune.compile import maybe_compile
 
@@ -31,14 +30,46 @@ def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scaling: fl
 
 
 def qtune_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """transformers' attention-function signature: (b, heads, t, d) inputs -> ((b, t, heads, d), None)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # GQA: transformers' own helper
-    scores = torch.matmul(query, key.transpose(2, 3))                      # (b, h, t, s)
-    mask = None if attention_mask is None else attention_mask[:, :, :, :key.shape[-2]]
-    probs = _masked_softmax(scores, mask, float(scaling))
-    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    """transformers' attention-function signature: (b, heads, t, d) inputs -> ((b, t, heads, d), None).
+
+    softmax(QKᵀ·s + mask)V with two savings over transformers' eager attention (same math):
+    - GQA without repeat_kv: each KV head's g query heads are stacked along the rows, so one
+      (g·t, d) @ (d, s) product per KV head replaces copying K and V g times (and summing their
+      gradients back in backward);
+    - causal blocks: with a causal mask and no cache (t == s), the queries are cut in two halves and
+      the first half skips the keys of the second, all masked for it: 3/4 of the score matrix, its
+      softmax and its products (per layer, forward + recomputation + backward at SmolLM2's b4 × 256,
+      alternating medians: 13.1 -> 9.4 ms). A row whose keys are all masked (a padded position under
+      left padding) is uniform over the keys it was given either way, but over fewer of them here:
+      such positions carry no label, so the loss and its gradients are those of the full product."""
+    b, heads, t, d = query.shape
+    kv_heads, s = key.shape[1], key.shape[2]
+    g = heads // kv_heads
+    causal = attention_mask is not None and getattr(module, "is_causal", False) and t == s and t >= 2
+    cuts = [0, t // 2, t] if causal else [0, t]
+    q = query.reshape(b, kv_heads, g, t, d)
+    outs = []
+    for start, stop in zip(cuts[:-1], cuts[1:]):
+        keys = stop if causal else s                                          # keys this block can see
+        rows = q[:, :, :, start:stop].reshape(b, kv_heads, g * (stop - start), d)
+        scores = torch.matmul(rows, key[:, :, :keys].transpose(2, 3))        # (b, kv, g·rows, keys)
+        scores = scores.view(b, kv_heads, g, stop - start, keys)
+        mask = None if attention_mask is None else _block_mask(attention_mask, kv_heads, start, stop, keys)
+        probs = _masked_softmax(scores, mask, float(scaling)).view(b, kv_heads, g * (stop - start), keys)
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+        out = torch.matmul(probs, value[:, :, :keys]).view(b, kv_heads, g, stop - start, d)
+        outs.append(out.permute(0, 3, 1, 2, 4))                              # (b, rows, kv, g, d)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return out.reshape(b, t, heads, d), None
+
+
+def _block_mask(mask: torch.Tensor, kv_heads: int, start: int, stop: int, keys: int) -> torch.Tensor:
+    """The additive mask's rows [start, stop) and first `keys` columns, shaped to broadcast over the
+    (b, kv, g, rows, keys) scores: (b, 1, 1, rows, keys), or per head (b, kv, g, rows, keys).
+    Contiguous, so the compiled softmax sees one layout for every block."""
+    block = mask[:, :, start:stop, :keys]
+    block = block[:, :, None] if block.shape[1] == 1 else block.reshape(block.shape[0], kv_heads, -1, *block.shape[2:])
+    return block.contiguous()
 
 
 @maybe_compile

@@ -184,3 +184,43 @@ def test_a_failing_compile_falls_back_to_the_same_eager_result(monkeypatch):
     monkeypatch.setattr(qc, "_failed", False)
     with pytest.raises(ValueError, match="real bug"):  # not a compiler failure: it surfaces
         qc.maybe_compile(lambda x: x)(torch.ones(1))
+
+
+@pytest.mark.parametrize("t", [33, 8, 2])
+def test_qtune_eager_attention_matches_naive_softmax_attention(t, compiled):
+    """GQA without repeat_kv and the causal halves equal softmax(QKᵀ·s + mask)V written out (fp32),
+    values and gradients, with left padding; rows with every key masked are left out (no label)."""
+    from qtune.kernels import qtune_eager_attention
+
+    torch.manual_seed(0)
+    b, heads, kv, d = 2, 6, 2, 8
+
+    class Module:
+        num_key_value_groups, is_causal, training = heads // kv, True, True
+
+    q, k, v = (torch.randn(b, n, t, d, requires_grad=True) for n in (heads, kv, kv))
+    neg = torch.finfo(torch.float32).min
+    mask = torch.full((t, t), neg).triu(1).expand(b, 1, t, t).clone()
+    pad = min(3, t - 1)
+    mask[1, :, :, :pad] = neg  # left padding in the second row: its first `pad` queries see no key
+    out, _ = qtune_eager_attention(Module, q, k, v, mask, 0.3)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g * _live(b, t, pad)[..., None, None])
+
+    qr, kr, vr = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    kk, vv = (x.repeat_interleave(heads // kv, dim=1) for x in (kr, vr))  # each KV head serves g query heads
+    probs = torch.softmax(qr @ kk.transpose(2, 3) * 0.3 + mask, dim=-1)
+    ref = (probs @ vv).transpose(1, 2)                                     # (b, t, heads, d)
+    want = torch.autograd.grad(ref, (qr, kr, vr), g * _live(b, t, pad)[..., None, None])
+    live = _live(b, t, pad).bool()
+    torch.testing.assert_close(out[live], ref[live], **TOL[torch.float32])
+    for name, got, exp in zip("qkv", grads, want):
+        assert exp.abs().max() > 0
+        torch.testing.assert_close(got, exp, **TOL[torch.float32], msg=lambda s: f"grad of {name}: {s}")
+
+
+def _live(b, t, pad):
+    """(b, t) 1.0 where a query sees at least one key: all but the second row's first `pad` positions."""
+    live = torch.ones(b, t)
+    live[1, :pad] = 0
+    return live
