@@ -84,6 +84,44 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+@maybe_compile
+def _rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' apply_rotary_pos_emb on (b, t, heads, d) projections, returned as contiguous
+    (b, heads, t, d): x·cos + rotate_half(x)·sin, with rotate_half(x) = [−x₂, x₁] over the last dim's
+    halves. One kernel forward and one backward for q and k together (eagerly: ~12 ops each way, and
+    q, k left transposed in memory, which the attention's products then copy)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]                       # (b, t, 1, d)
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).transpose(1, 2).contiguous()
+
+    return rotate(q), rotate(k)
+
+
+def _attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                       **kwargs):
+    """transformers' LlamaAttention.forward with the rotary embedding as one fused kernel (_rotary_qk)."""
+    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query_states = module.q_proj(hidden_states).view(hidden_shape)     # (b, t, heads, d)
+    key_states = module.k_proj(hidden_states).view(hidden_shape)
+    value_states = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query_states, key_states = _rotary_qk(query_states, key_states, cos, sin)  # (b, heads, t, d)
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, module.layer_idx)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation,
+                                                                eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        module, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return module.o_proj(attn_output), attn_weights
+
+
 def _rms_forward(module, hidden_states):
     return _rms_norm(hidden_states, module.weight, float(module.variance_epsilon))
 
@@ -93,21 +131,31 @@ def _mlp_forward(module, x):
 
 
 def fuse_elementwise(model) -> int:
-    """Route the model's RMSNorms and SiLU-gated MLPs through the fused functions above (same math,
-    one kernel forward and one backward each when compiled); returns how many modules were routed.
+    """Route the model's RMSNorms, SiLU-gated MLPs and attention rotary embeddings through the fused
+    functions above (same math, one kernel forward and one backward each when compiled); returns how
+    many modules were routed.
     Only modules whose forward is byte-for-byte transformers' Llama one (Mistral, Qwen2/3 copy it)
     are touched; any other implementation keeps its own forward."""
+    import sys
     import types
 
     from transformers.activations import SiLUActivation
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
 
     SILU = (torch.nn.SiLU, SiLUActivation)
 
+    def same_code(fn, ref) -> bool:
+        code = getattr(fn, "__code__", None)
+        return code is not None and code.co_code == ref.__code__.co_code and code.co_names == ref.__code__.co_names
+
     def same_forward(module, reference) -> bool:
-        code = getattr(type(module).forward, "__code__", None)
-        ref = reference.forward.__code__
-        return code is not None and code.co_code == ref.co_code and code.co_names == ref.co_names
+        return same_code(type(module).forward, reference.forward)
+
+    def llama_rotary(module) -> bool:  # the attention's module calls Llama's rotary functions (or copies)
+        home = sys.modules.get(type(module).__module__)
+        return all(same_code(getattr(home, name, None), getattr(llama, name))
+                   for name in ("apply_rotary_pos_emb", "rotate_half"))
 
     n = 0
     for module in model.modules():
@@ -116,6 +164,9 @@ def fuse_elementwise(model) -> int:
             n += 1
         elif same_forward(module, LlamaMLP) and isinstance(getattr(module, "act_fn", None), SILU):
             module.forward = types.MethodType(_mlp_forward, module)
+            n += 1
+        elif same_forward(module, LlamaAttention) and llama_rotary(module):
+            module.forward = types.MethodType(_attention_forward, module)
             n += 1
     return n
 
