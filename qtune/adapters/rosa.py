@@ -5,18 +5,25 @@
 S (out, in) is sparse with a fixed support (density d, chosen before training by
 `select_sparse_mask` from accumulated squared weight gradients) and trainable values that start at 0;
 with B = 0 too, the layer equals the base at step 0. S lives as values (nnz,) + flat row-major
-indices (nnz,): memory ∝ nnz, never a dense (out, in) tensor during training.
+indices (nnz,): memory ∝ nnz; S is never a dense (out, in) tensor (the fused path below adds its
+values into the base's dequantized weight, which exists anyway).
 
-The sparse products, measured on 2 shared CPU cores (1 thread, min of 15) for (out, in) =
-(1536, 576), 1024 tokens, density 1% (9,216 nonzeros); a dense x·S_denseᵀ costs 15.8 ms fp32, 3.6 bf16:
+Where the base is a QuantLinear or a frozen nn.Linear (every training run), x·Sᵀ is computed inside
+the fused LoRA node: S's nnz values are added into the dense weight the base dequantizes for its
+GEMM anyway, y = x·(D(W) + S)ᵀ + s·(x Aᵀ)Bᵀ, and backward adds one SDDMM for dL/dvalues
+(_FoldedSparse). Measured on 2 shared CPU cores for (out, in) = (1536, 576), 1024 tokens, density
+1% (9,216 nonzeros): the nnz adds 0.1 ms, the SDDMM (torch.sparse.sampled_addmm, layout copies
+included) 1.4 ms, where a dense grad_yᵀx in bf16 costs 2.1 ms and the base GEMM 2.0 ms.
+Elsewhere (a base with hooks, as while the mask is being chosen) _SparseLinearFn computes x·Sᵀ apart,
+with MKL's CSR kernels; measured the same way (1 thread, min of 15):
     x Sᵀ       MKL CSR S @ xᵀ 1.0 ms (bf16 x cast to fp32: 1.1) | COO 5.2 | gather + index_add 9.5
     grad_y S   CSR of Sᵀ (cached transpose) 1.3 ms | CSR.t() (CSC) 1.8 | COO 14.5
     SDDMM      torch.sparse.sampled_addmm 1.4 ms | row blocks of grad_yᵀx, gathered: 16.2 fp32,
                3.7 bf16 | gather (x[:, cols]·grad_y[:, rows]).sum, chunked over nnz: 9.4
-MKL's CSR kernels and sampled_addmm take fp32/fp64 only on CPU, so the sparse term computes in fp32
-(the master dtype of the values too) and casts y back. Whole layer, forward + backward, NF4 base,
-r = 16, CPU time: bf16 LoRA 10.2 ms, RoSA 16.9 ms (1.65x; the sparse term alone 5.5 ms, half of it
-layout copies); fp32 LoRA 37.3 ms, RoSA 43.1 ms (1.16x). The paper reports 1.7-2x on GPU.
+MKL's CSR kernels and sampled_addmm take fp32/fp64 only on CPU, so that path computes in fp32 (the
+master dtype of the values too) and casts y back. Whole layer on that path, forward + backward, NF4
+base, r = 16: bf16 LoRA 10.2 ms, RoSA 16.9 ms (1.65x; half of the sparse term's 5.5 ms is layout
+copies). The paper reports 1.7-2x on GPU.
 """
 
 from __future__ import annotations
