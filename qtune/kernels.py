@@ -6,7 +6,10 @@ It is transformers' eager attention with the masked softmax — scale, mask add,
 back — as one compiled kernel forward and one backward (qtune.compile). Eagerly, torch's CPU
 softmax from a bf16 input to an fp32 output runs ~7× slower than an fp32 softmax
 (tools/profile_step.py: 0.49 s of a 1.8 s step), and sdpa's CPU flash kernel runs its small blocks
-below the GEMM rate; here the two GEMMs are plain batched bf16 matmuls.
+below the GEMM rate; here the two GEMMs are plain batched bf16 matmuls (GQA without copying K and V,
+and causal halves: see qtune_eager_attention).
+Rotary — the attention's rotary embedding of q and k as one compiled kernel (_rotary_qk), routed
+with the rest by fuse_elementwise.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     if factors is not None:
         set_initial_factors(model, factors)
     restore_supports(model, run_dir)  # RoSA: the masks chosen when the run started
-    kernels.fuse_elementwise(model)  # RMSNorm, SiLU·up: one compiled kernel each (qtune.kernels)
+    kernels.fuse_elementwise(model)  # RMSNorm, SiLU·up, rotary: one compiled kernel each (qtune.kernels)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where qtune.train will run it
     model.set_attn_implementation(attention_implementation(model.config, cfg.batch_size, cfg.seq_len,
                                                            cfg.gradient_checkpointing, cfg.compute_dtype, device))
