@@ -2,8 +2,9 @@
 
 Only pure tensor functions are compiled (the chunked cross-entropy's softmax and gradient, RMSNorm,
 SiLU·up, the rotary embedding): compiling whole decoder layers is slower here, because qtune's
-custom autograd functions (the quantized linears) break the graph. Inductor's artifacts are cached under $QTUNE_CACHE/inductor
-(unless TORCHINDUCTOR_CACHE_DIR is set), so only a machine's first run pays the compile (~10 s).
+custom autograd functions (the quantized linears) break the graph. Inductor's artifacts are cached
+under $QTUNE_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR is set), so only a machine's first run
+pays the compile (~10 s).
 
 Off with QTUNE_COMPILE=0 (or `compile: false` / --no-compile). Where compiling fails (no C++
 compiler, an unsupported platform) qtune warns once and runs the same functions eagerly.
