@@ -130,7 +130,8 @@ def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -
     T = batch·seq positions (padding included: the GEMMs run over it), L layers, h hidden, V vocab.
       decoder linears, one forward:  F_lin  = 2 · N_lin · T        (N_lin = weights of all decoder linears)
       attention, one forward:        F_att  = 4 · L · seq² · h · batch   (QKᵀ and PV, full seq² — SDPA on
-                                                                          CPU does not halve causal work)
+                                                                          CPU does not halve causal work;
+                                                                          qtune's causal halves do 3/4 of it)
       adapters, one forward:         F_ad   = 2 · T · r · Σ(in + out) over the adapted linears
       head, one forward:             F_head = 2 · h · V · T
     step = forward + recomputation of the decoder layers in backward + backward:
