@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
 from qtune.compile import maybe_compile
 
@@ -105,8 +106,6 @@ def _rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 def _attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                        **kwargs):
     """transformers' LlamaAttention.forward with the rotary embedding as one fused kernel (_rotary_qk)."""
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
     query_states = module.q_proj(hidden_states).view(hidden_shape)     # (b, t, heads, d)
