@@ -25,19 +25,22 @@ def recomputing() -> bool:
     return getattr(_state, "on", False)
 
 
-@contextlib.contextmanager
-def _recomputation():
-    previous = recomputing()
-    _state.on = True
-    try:
-        yield
-    finally:
-        _state.on = previous
+class _Recomputation:
+    """recomputing() is true inside. Re-enterable: the checkpoint enters the one context it got for
+    each recomputation, and a retain_graph backward recomputes again."""
+
+    def __enter__(self):
+        self.previous = recomputing()
+        _state.on = True
+
+    def __exit__(self, *exc):
+        _state.on = self.previous
+        return False
 
 
 def context_fn():
     """For torch.utils.checkpoint(context_fn=...): (forward context, recomputation context)."""
-    return contextlib.nullcontext(), _recomputation()
+    return contextlib.nullcontext(), _Recomputation()
 
 
 def can_skip(adapter) -> bool:

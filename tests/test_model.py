@@ -225,3 +225,26 @@ def _live(b, t, pad):
     live = torch.ones(b, t)
     live[1, :pad] = 0
     return live
+
+
+def test_a_retain_graph_second_backward_recomputes_again(tiny_llama, tmp_path):
+    """The checkpoint enters the recomputation context it got once per backward: a second backward
+    (retain_graph) recomputes with the down_proj skip again and doubles the gradients."""
+    from qtune.config import TrainConfig
+    from qtune.model import build_model
+
+    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), rank=4, seq_len=32, batch_size=2,
+                      compute_dtype="float32", gradient_checkpointing=True)
+    model, *_ = build_model(cfg, tmp_path / "r", progress=False)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B.data.normal_(0, 0.1)
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 32))
+    loss, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * once[n], **TOL[torch.float32], msg=n)
