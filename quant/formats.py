@@ -69,11 +69,29 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.packed.device
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The (out, in) weight in `dtype` (default: compute_dtype), dequantized straight into it."""
+    @property
+    def blocksize(self) -> int:
+        return self.state.blocksize
+
+    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The (out, in) weight in `dtype` (default: compute_dtype), dequantized straight into it.
+
+        row_scale (out,) fp32: the weight's rows times it (diag(row_scale)·W), applied to the fp32
+        block scales, so that each value is rounded to `dtype` once. Scaling a bf16 weight afterwards
+        rounds twice, and a scale within 2⁻⁹ of 1 would round back to the unscaled weight. Needs
+        blocks that do not straddle rows (can_scale_rows)."""
         dtype = dtype or self.compute_dtype or self.state.dtype
-        state = copy.copy(self.state)  # shallow: only the copy's dtype/shape change
+        state = copy.copy(self.state)  # shallow: only the copy's fields change
         state.dtype = dtype
+        if row_scale is not None:
+            if not can_scale_rows(self.shape, self.blocksize):
+                raise ValueError(f"row_scale needs in_features ({self.shape[1]}) divisible by the block size "
+                                 f"({self.blocksize}); scale the dequantized weight instead")
+            absmax = state.absmax
+            if state.nested:  # double quantization: the 8-bit block scales of the block scales
+                absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            state.absmax = (absmax.float().view(self.shape[0], -1) * row_scale.float()[:, None]).reshape(-1)
+            state.state2, state.offset, state.nested = None, None, False
         if self.quant_type == "int8":
             return bnbF.dequantize_blockwise(self.packed, state)
         # bitsandbytes 0.50's CPU kernel decodes a 2-D shape row by row and is wrong when
@@ -135,6 +153,12 @@ class QuantizedWeight:
 def is_quantized_checkpoint_key(key: str) -> bool:
     """True for the auxiliary tensors of a quantized weight (`...weight.absmax` etc.)."""
     return ".weight." in key
+
+
+def can_scale_rows(shape, blocksize: int) -> bool:
+    """Whether each quantization block lies within one row of an (out, in) weight (the blocks run over
+    the flat weight), so that a per-row scale can be folded into the block scales."""
+    return len(shape) == 2 and shape[1] % blocksize == 0
 
 
 def quantize(weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True,

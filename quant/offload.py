@@ -116,7 +116,7 @@ class StreamedWeight:
         self.path, self.host = path, host      # exactly one of them is set
         self.keys = list(meta.state_tensors(prefix)) if path is not None else []
         self.quant_type, self.compute_dtype = meta.quant_type, meta.compute_dtype
-        self._shape = meta.shape
+        self._shape, self._blocksize = meta.shape, meta.blocksize
         self.target = torch.device(device)
         self.prefetcher = prefetcher
         self.index = -1
@@ -154,9 +154,13 @@ class StreamedWeight:
         qw.set_compute_dtype(self.compute_dtype)
         return qw.to_(self.target) if qw.device != self.target else qw
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    @property
+    def blocksize(self) -> int:
+        return self._blocksize
+
+    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         qw = self.prefetcher.fetch(self) if self.prefetcher is not None else self.load()
-        return qw.dequantize(dtype)
+        return qw.dequantize(dtype, row_scale)
 
     def set_compute_dtype(self, dtype) -> None:
         if dtype is not None:

@@ -309,3 +309,40 @@ def test_quantize_rejects_bad_input():
     with pytest.raises(ValueError, match="unknown quant_type"):
         quantize(torch.randn(64, 64), "nf3")
     assert set(quant.QUANT_TYPES) >= {"nf4", "fp4", "int8"}
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)])
+def test_dequantize_with_row_scale_is_the_scaled_fp32_weight_rounded_once(quant_type, double_quant):
+    """dequantize(dtype, row_scale=c) = round_dtype(diag(c)·D(W)), c folded into the fp32 block scales:
+    DoRA's magnitude scale rides on the dequantization (qtune.adapters.dora)."""
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(48, 128), quant_type, double_quant)
+    c = 1 + 0.1 * torch.randn(48)
+    exact = qw.dequantize(torch.float32) * c[:, None]
+    torch.testing.assert_close(qw.dequantize(torch.float32, row_scale=c), exact, rtol=1e-6, atol=1e-7)
+    bf16 = qw.dequantize(torch.bfloat16, row_scale=c)
+    assert bf16.dtype == torch.bfloat16
+    # one rounding: each value is the bf16 nearest to the exact product (half an ulp: 2^-8 relative at most)
+    assert ((bf16.float() - exact).abs() <= exact.abs() * 2.0 ** -8).all()
+    torch.testing.assert_close(bf16, exact.to(torch.bfloat16), atol=0, rtol=2.0 ** -7)
+
+
+def test_a_row_scale_near_one_still_moves_a_bf16_weight():
+    """Scaling the bf16 weight afterwards rounds twice, and a scale within 2^-9 of 1 rounds back to
+    the unscaled weight; folded into the block scales it moves the values whose exact product
+    crosses a rounding boundary: a shift of 2^-10 against a spacing of 2^-7..2^-8, 10–25% of them."""
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(64, 128), "nf4", True)
+    c = torch.full((64,), 1 + 2.0 ** -10)
+    plain = qw.dequantize(torch.bfloat16)
+    assert torch.equal((plain * c[:, None]).to(torch.bfloat16), plain)  # scaled afterwards: nothing moves
+    moved = (qw.dequantize(torch.bfloat16, row_scale=c) != plain).float().mean()
+    assert 0.05 < moved < 0.5
+
+
+def test_row_scale_needs_blocks_within_rows():
+    qw = quantize(torch.randn(8, 96), "nf4", True)  # 96 % 64: blocks straddle rows
+    assert not quant.formats.can_scale_rows(qw.shape, qw.blocksize)
+    with pytest.raises(ValueError, match="divisible by the block size"):
+        qw.dequantize(torch.float32, row_scale=torch.ones(8))
+    assert quant.formats.can_scale_rows(quantize(torch.randn(8, 128)).shape, 64)
