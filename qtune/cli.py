@@ -72,6 +72,9 @@ TRAIN_OPTIONS = [
     _opt("--loftq-start", help="LoftQ's first factors: pissa (default; lower error) or zero (as published)."),
     _opt("--dora-detach-norm/--no-dora-detach-norm", default=None,
          help="QDoRA: norm as a constant in backward (DoRA §4.3; default on)."),
+    _opt("--dora-stash/--no-dora-stash", default=None,
+         help="QDoRA + checkpointing: keep down_proj's outputs for backward instead of recomputing them "
+              "(faster; one more activation per layer; default on)."),
     _opt("--rosa-density", type=float, help="RoSA sparse density."),
     _opt("--rosa-mask-steps", type=int, help="Batches used to choose RoSA's mask."),
     _opt("--rank", type=int, help="Adapter rank r (default 16)."),

@@ -48,6 +48,10 @@ class TrainConfig:
     """Where LoftQ's alternation starts: pissa (PiSSA's factors; lower error) or zero (as published)."""
     dora_detach_norm: bool = True
     """QDoRA: treat the weight norm as a constant in backward (DoRA §4.3); off = exact gradient."""
+    dora_stash: bool = True
+    """QDoRA with gradient checkpointing: keep each layer's down_proj output from the forward for its
+    magnitude's gradient instead of recomputing that GEMM (one more batch × seq × hidden tensor per
+    layer, as many bytes as the checkpoint's layer inputs); off = least memory."""
     rosa_density: float = 0.01
     """Fraction of each matrix's entries in RoSA's sparse part."""
     rosa_mask_steps: int = 8

@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         # non-reentrant: works with frozen inputs (no need to make embeddings require grad);
         # context_fn lets the recomputation skip down_proj's base GEMM (qtune.recompute)
         kwargs = {"use_reentrant": False, "context_fn": recompute.context_fn}
-        recompute.mark_output_unused_in_recompute(model)
+        recompute.mark_output_unused_in_recompute(model, stash=cfg.dora_stash)
         offload = cfg.offload_activations and torch.cuda.is_available()
         if cfg.offload_activations and not offload:
             warnings.warn("--offload-activations: activations are in host memory already on this CPU-only machine; "

@@ -11,10 +11,11 @@ Each term is computed for qtune's own implementation (what its meter measures):
 - adapters: LoRA A (r, in) and B (out, r) in fp32; DoRA adds m (out,); RoSA adds nnz values (fp32)
   and indices (int64). Gradients fp32; AdamW keeps two fp32 moments, the 8-bit optimizers two
   uint8 moments (+ block scales) for tensors of ≥ 4096 elements.
-- activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h) plus, during
-  one layer's recomputation and backward, that layer's internals (enumerated in
-  `layer_internals_bytes`); without checkpointing, every layer's saved internals (the gradient
-  buffers of a layer's backward exist for one layer at a time either way).
+- activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h; QDoRA also
+  keeps each layer's down_proj output, b·t·h, unless --no-dora-stash) plus, during one layer's
+  recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
+  adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
+  internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
 - logits: qtune's chunked cross-entropy holds one chunk's logits (bf16 head output + fp32 logits,
   turned into the softmax in place) plus the final hidden states and their gradient, never
   batch × seq × vocab at once.
@@ -101,7 +102,8 @@ def quantized_linear_bytes(numel: int, bits: int, double_quant: bool = True, com
 
 
 def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float,
-                          attention: str = "sdpa", split: bool = False) -> int | tuple[int, int]:
+                          attention: str = "sdpa", split: bool = False,
+                          extra_per_token: int = 0) -> int | tuple[int, int]:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
 
     With eager attention (qtune.model.attention_implementation) the softmax output (fp32) and its
@@ -113,6 +115,7 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     the widest tensors alive at the peak of the layer's backward.
     split=True returns (saved, transient): what autograd keeps until the layer's backward is done,
     and the gradient buffers that exist only during it (one layer at a time, checkpointing or not).
+    extra_per_token: bytes a method's adapters keep besides (x Aᵀ) (DoRA: its (tokens × out) products).
     """
     h, i = config.hidden_size, config.intermediate_size
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -122,7 +125,8 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
                  + 4 * c * i                        # gate, up, silu(gate), silu(gate)·up
-                 + n_adapters * c * rank)           # x Aᵀ of each adapter
+                 + n_adapters * c * rank            # x Aᵀ of each adapter
+                 + extra_per_token)
     transient = 2 * c * i                           # gradients of the MLP's widest tensors at the peak
     if dropout > 0:
         per_token += 4 * c * h + c * i + 4 * h      # dropped-out copies of the adapters' inputs, masks
@@ -195,9 +199,16 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
     attention = attention_implementation(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
-    saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True)
+    fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
+    stash = fused_dora and cfg.gradient_checkpointing and cfg.dora_stash and "down_proj" in cfg.target_modules
+    # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
+    # down_proj's is counted with the layer inputs instead: it lives as long as they do)
+    dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
+    saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
+                                             extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
     internals = saved + transient  # one layer's, during its recomputation and backward
-    layer_inputs = L * b * t * config.hidden_size * c
+    # each layer's input, kept by the checkpoint (and QDoRA's stashed down_proj outputs: qtune.recompute)
+    layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)

@@ -52,13 +52,18 @@ def can_skip(adapter) -> bool:
             and not base._forward_hooks and not base._forward_pre_hooks)
 
 
-def mark_output_unused_in_recompute(model) -> int:
+def mark_output_unused_in_recompute(model, stash: bool = True) -> int:
     """Flag each decoder layer's mlp.down_proj adapter (LoRA, RoSA: the base output is only summed);
-    returns how many were flagged. DoRA layers are not flagged: their magnitude's gradient reads x Wᵀ."""
+    returns how many were flagged. DoRA's magnitude gradient reads that output, so a DoRA down_proj
+    is flagged (with `stash`) to keep it from the forward instead: the recomputation then skips the
+    GEMM too, for one more (tokens × hidden) tensor per layer held until that layer's backward."""
     n = 0
     for layer in getattr(getattr(model, "model", None), "layers", []):
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
         if down is not None and hasattr(down, "skip_base_in_recompute"):
             down.skip_base_in_recompute = True
             n += 1
+        elif down is not None and hasattr(down, "stash_output_for_recompute"):
+            down.stash_output_for_recompute = stash
+            n += stash
     return n

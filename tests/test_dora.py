@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.adapters.dora import DoRALinear
+from qtune.adapters.dora import DoRALinear, foldable
 from quant import QuantLinear
 import conftest
 from conftest import TOL, dense_weight
@@ -19,6 +19,10 @@ FP32 = TOL[torch.float32]
 
 
 def make_base(kind: str, bias: bool = True, seed: int = 0) -> nn.Module:
+    """"quant" (in = 64: DoRA's scale folds into the NF4 block scales), "quant_unaligned" (in = 40:
+    blocks straddle rows, so the activations are scaled instead) or "dense"."""
+    if kind == "quant_unaligned":
+        return conftest.make_base("quant", 40, OUT, bias, seed)
     return conftest.make_base(kind, IN, OUT, bias, seed)
 
 
@@ -57,12 +61,13 @@ def test_equals_base_at_init(kind, bias):
     torch.testing.assert_close(layer.magnitude, dense_weight(base).norm(dim=1), **FP32)
 
 
-@pytest.mark.parametrize("kind", ["quant", "dense"])
+@pytest.mark.parametrize("kind", ["quant", "quant_unaligned", "dense"])
 @pytest.mark.parametrize("detach_norm", [False, True])
 def test_matches_naive_reference_forward_and_grads(kind, detach_norm):
     base = make_base(kind)
+    assert foldable(base) == (kind == "quant")  # both of the fused node's paths are covered
     layer = randomize_(DoRALinear(base, RANK, SCALE, detach_norm=detach_norm))
-    x = torch.randn(3, 5, IN, requires_grad=True)
+    x = torch.randn(3, 5, base.in_features, requires_grad=True)
     y = layer(x)
     params = [layer.lora_A, layer.lora_B, layer.magnitude]
     A, B, m = (p.detach().clone().requires_grad_(True) for p in params)
@@ -207,3 +212,24 @@ def test_small_magnitude_changes_reach_a_bf16_output():
         layer.magnitude.mul_(1.003)
         after = layer(x)
     assert (after != before).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("kind", ["quant", "quant_unaligned"])
+def test_a_zero_magnitude_keeps_its_gradient(kind):
+    """The folded path reads dL/dm from y = c ⊙ u as Σ g ⊙ y / m; a row with m = 0 (c = 0 would lose u)
+    still gets the naive equation's gradient, and its output stays 0 to fp32 precision."""
+    base = make_base(kind)
+    layer = randomize_(DoRALinear(base, RANK, SCALE))
+    with torch.no_grad():
+        layer.magnitude[[0, 5]] = 0.0
+    x = torch.randn(4, 6, base.in_features)
+    y = layer(x)
+    A, B, m = (p.detach().clone().requires_grad_(True) for p in (layer.lora_A, layer.lora_B, layer.magnitude))
+    y_ref = naive_dora(x, dense_weight(base), base.bias, A, B, m, SCALE, True)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    grad_out = torch.randn_like(y)
+    got = grads_of(y, grad_out, [layer.lora_A, layer.lora_B, layer.magnitude])
+    want = grads_of(y_ref, grad_out, [A, B, m])
+    assert want[2][[0, 5]].abs().min() > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **FP32)

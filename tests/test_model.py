@@ -227,6 +227,77 @@ def _live(b, t, pad):
     return live
 
 
+def _dora_model(tiny_llama, tmp_path, stash: bool):
+    from qtune.config import TrainConfig
+    from qtune.model import build_model
+
+    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), method="qdora", rank=4,
+                      seq_len=32, batch_size=2, compute_dtype="float32", gradient_checkpointing=True,
+                      dora_stash=stash)
+    model, *_ = build_model(cfg, tmp_path / "r", progress=False)
+    torch.manual_seed(1)
+    for m in model.modules():  # non-zero B and m ≠ ‖W‖, so every DoRA term matters
+        if hasattr(m, "magnitude"):
+            m.lora_B.data.normal_(0, 0.1)
+            m.magnitude.data.mul_(1 + 0.1 * torch.randn_like(m.magnitude))
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("stash", [True, False])
+def test_dora_recomputation_reuses_its_norms_and_gradients_are_unchanged(tiny_llama, tmp_path, stash, monkeypatch,
+                                                                          compiled):
+    """QDoRA under checkpointing: the recomputation reuses the forward's row norms (so it dequantizes
+    each weight once, scaled, where the forward did twice: plain for A·Wᵀ, then scaled), and with the
+    stash skips down_proj, whose output the forward kept. Gradients equal a run without checkpointing."""
+    from quant.formats import QuantizedWeight
+
+    model = _dora_model(tiny_llama, tmp_path, stash)
+    ids = torch.randint(3, model.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        model(ids)  # each layer's ‖W‖²_row, computed once per run from its own dequantization
+    calls = {"plain": 0, "scaled": 0}
+    real = QuantizedWeight.dequantize
+
+    def counted(self, dtype=None, row_scale=None):
+        calls["plain" if row_scale is None else "scaled"] += 1
+        return real(self, dtype, row_scale)
+    monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
+    loss_ckpt, grads_ckpt = _step_grads(model, ids)
+    layers = len(model.model.layers)
+    # forward: 7 plain + 7 scaled; recomputation: 7 scaled (6 with the stash); backward: 7 scaled
+    assert calls == {"plain": layers * 7, "scaled": layers * (7 + (6 if stash else 7) + 7)}
+    model.gradient_checkpointing_disable()
+    calls.update(plain=0, scaled=0)
+    loss_plain, grads_plain = _step_grads(model, ids)
+    assert calls == {"plain": layers * 7, "scaled": layers * (7 + 7)}
+    torch.testing.assert_close(loss_ckpt, loss_plain, **TOL[torch.float32])
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_ckpt) > 0
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
+
+
+def test_dora_stash_is_freed_by_its_backward_and_a_second_backward_is_refused(tiny_llama, tmp_path):
+    """The kept down_proj outputs go with their layer's backward, not with the graph (which lives as
+    long as the loss does); a retain_graph second backward, which would need them, gets a clear error."""
+    import weakref
+
+    from qtune.recompute import recomputing
+
+    model = _dora_model(tiny_llama, tmp_path, stash=True)
+    kept = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_hook(
+            lambda mod, args, out: None if recomputing() else kept.append(weakref.ref(out)))
+    ids = torch.randint(3, model.config.vocab_size, (2, 32))
+    loss, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+    assert len(kept) == len(model.model.layers) and all(r() is not None for r in kept)  # held for backward
+    loss.backward(retain_graph=True)
+    assert all(r() is None for r in kept)  # the loss and its graph are still alive
+    with pytest.raises(RuntimeError, match="--no-dora-stash"):
+        loss.backward()
+
+
 def test_a_retain_graph_second_backward_recomputes_again(tiny_llama, tmp_path):
     """The checkpoint enters the recomputation context it got once per backward: a second backward
     (retain_graph) recomputes with the down_proj skip again and doubles the gradients."""

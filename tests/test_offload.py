@@ -32,9 +32,9 @@ def test_offloaded_base_gives_the_in_memory_gradients(tiny_llama, tmp_path, meth
         results[offload] = _grads_after_step(model, ids)
         if offload != "none":
             prefetcher = model._qtune_prefetcher
-            # forward 7 + recomputation 6 (down_proj skipped; DoRA: 7) + backward 7 reads per layer
-            per_layer = 7 + (7 if method == "qdora" else 6) + 7
-            assert prefetcher.loads >= len(model.model.layers) * per_layer
+            # forward 7 + recomputation 6 (down_proj skipped; DoRA's kept from the forward) + backward 7
+            # reads per layer (an offloaded DoRA base is not dequantized twice: see dora.foldable)
+            assert prefetcher.loads >= len(model.model.layers) * (7 + 6 + 7)
             if offload == "disk":
                 assert all(m.qweight.path.endswith(".safetensors") for m in linears)
     for offload in ("cpu", "disk"):

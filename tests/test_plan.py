@@ -40,6 +40,27 @@ def test_plan_of_a_small_config_by_hand(tiny_llama):
     assert bits16.base_weights > p.base_weights and bits16.dequant_buffers == 0
 
 
+def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama):
+    """DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient; with the stash
+    (default, under checkpointing) down_proj's lives from the forward on, beside the layer inputs."""
+    config = json.loads((tiny_llama / "config.json").read_text())
+    h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
+    b, t, c = 2, 32, 2
+    base = dict(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t)
+    lora = plan_memory(TrainConfig(**base))
+    on = plan_memory(TrainConfig(**base, method="qdora"))
+    off = plan_memory(TrainConfig(**base, method="qdora", dora_stash=False))
+    outs = h + 2 * kv + h + 2 * i + h  # q, k, v, o, gate, up, down
+    assert off.layer_inputs == lora.layer_inputs == L * b * t * h * c
+    assert off.activations - lora.activations == b * t * c * outs
+    assert on.layer_inputs == 2 * off.layer_inputs
+    assert on.activations - lora.activations == L * b * t * h * c + b * t * c * (outs - h)
+    plain = dict(base, gradient_checkpointing=False)  # no recomputation, so nothing is stashed
+    assert plan_memory(TrainConfig(**plain, method="qdora")) == plan_memory(TrainConfig(**plain, method="qdora",
+                                                                                         dora_stash=False))
+
+
 def test_checkpointing_and_8bit_optimizer_lower_the_plan(tiny_llama):
     base = dict(model=str(tiny_llama), rank=64, batch_size=4, seq_len=1024)  # long enough for sdpa either way
     on, off = plan_memory(TrainConfig(**base)), plan_memory(TrainConfig(**base, gradient_checkpointing=False))

@@ -24,6 +24,7 @@ CASES = [
     ("SmolLM2-135M", {"batch_size": 8}),
     ("SmolLM2-135M", {"seq_len": 512, "batch_size": 2}),
     ("SmolLM2-135M", {"method": "qdora"}),
+    ("SmolLM2-135M", {"method": "qdora", "dora_stash": False}),
     ("SmolLM2-135M", {"method": "qrosa"}),
     ("SmolLM2-135M", {"bits": 16}),
     ("SmolLM2-135M", {"optim": "adamw8bit", "rank": 64}),
@@ -62,10 +63,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="tools/results/plan_vs_measured.md")
+    ap.add_argument("--only", default=None, help="run only the cases whose description contains this")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qtune-plan-"))
     rows = []
     for model_name, over in CASES:
+        if args.only and args.only not in f"{model_name} {over}":
+            continue
         model = None if model_name.startswith("SmolLM2") else str(random_model(model_name, work))
         cfg = TrainConfig(**{"model": model, "max_steps": args.steps, "eval_every": 0, "eval_batches": 1,
                              "save_every": 0, "output": str(work / "run"), **over})

@@ -6,9 +6,12 @@
 W' is never formed. n comes from the expansion, row i:
     n_i² = ‖W_i‖² + 2s·Σ_k B_ik (A Wᵀ)_ki + s²·Σ_k (B AAᵀ)_ik B_ik
 whose pieces are x-independent: ‖W_i‖² is a constant of the frozen base (computed once, (out,)
-floats), and A Wᵀ is a side product of the ONE dequantization of W the base GEMM needs anyway
-(r extra rows). So no (out, in) temporary beyond that one dequantized W (dropped after the GEMM,
-as in QLoRA) and no state that can go stale.
+floats), and A Wᵀ comes from a dequantized W (r extra rows of GEMM). So no (out, in) temporary
+beyond one dequantized W at a time (dropped after its GEMM, as in QLoRA).
+
+The default path (_DoRALinearFn) folds c = m/n into the GEMMs' weights, reuses the forward's n in a
+checkpoint's recomputation, and keeps down_proj's output for backward instead of recomputing it
+(qtune.recompute); tools/bench_methods.py measures it against our QLoRA.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import QuantLinear
+from quant.formats import QuantizedWeight, can_scale_rows
 from qtune.adapters.lora import _base_weight, fusable
 from qtune.compile import maybe_compile
 from qtune.memory import probe
+from qtune.recompute import recomputing
 
 
 class _DequantProductsFn(torch.autograd.Function):
@@ -55,57 +60,139 @@ def _row_norms(w_sq, lora_A, lora_B, aw, scale):
     return (w_sq + 2 * scale * cross + scale ** 2 * lowrank_sq).clamp_min(0).sqrt()
 
 
+@maybe_compile
+def _column_dots(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Σ_tokens g ⊙ u per output feature, (out,) fp32: compiled, one pass over both (tokens × out)
+    inputs with fp32 products, where eager torch.sum(g * u, 0, dtype=float32) writes the bf16 product
+    and then an fp32 copy of it (3× slower at out = 1536, and every product rounded to bf16)."""
+    return (g.float() * u.float()).sum(0)
+
+
+def _magnitude_scale(magnitude: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, m̃) with c = m̃/n, fp32 (out,). m̃ is m with exact zeros (and |m| < 1e-20) moved to ±1e-20:
+    the folded path recovers dL/dm from y = c ⊙ u as Σ g ⊙ y / m̃, which needs c ≠ 0; such a row's
+    output is then 1e-20·u/n instead of 0."""
+    tiny = 1e-20
+    m = torch.where(magnitude.abs() < tiny, torch.where(magnitude < 0, -tiny, tiny), magnitude)
+    return m / n, m
+
+
+STASH_KEEP, STASH_REUSE = 1, 2
+
+
+def foldable(base: nn.Module) -> bool:
+    """A QuantLinear whose block scales can carry DoRA's row scale c (quant's dequantize(row_scale=)).
+    Not an offloaded one (quant.offload): its folded forward would read the weight twice."""
+    return (isinstance(base, QuantLinear) and isinstance(base.qweight, QuantizedWeight)
+            and can_scale_rows(base.qweight.shape, base.qweight.blocksize))
+
+
 class _DoRALinearFn(torch.autograd.Function):
-    """y = (m/n) ⊙ (x·D(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + b as one autograd node, for DoRA with the norm detached
-    (§4.3) and no dropout (the default). n is a constant of the step (no graph), so backward is
-        u = x Wᵀ + s·h Bᵀ,  h = x Aᵀ,  c = m/n:   dL/dm = Σ_tokens g ⊙ u / n,  dL/du = c ⊙ g,
-    then LoRA's backward on dL/du. u is formed in place (B's GEMM accumulates into x Wᵀ) and saved
-    (one (tokens × out) tensor, where the eager graph kept two); W is dequantized once forward (x Wᵀ
-    and A Wᵀ from it) and once backward. y = u + (c − 1) ⊙ u with c − 1 in bf16, as PEFT: c itself in
-    bf16 would round to 1 early in training."""
+    """y = c ⊙ (x·D(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + b, c = m/n, as one autograd node, for DoRA with the norm
+    detached (§4.3) and no dropout (the default). n is a constant of the step (no graph), so backward is
+        u = x Wᵀ + s·h Bᵀ,  h = x Aᵀ:   dL/dm = Σ_tokens g ⊙ u / n,  dL/du = c ⊙ g,
+    then LoRA's backward on dL/du.
+
+    On a QuantLinear whose blocks lie within rows (`foldable`) c is folded into the weights instead
+    of scaling (tokens × out) activations: D(W) is dequantized as diag(c)·W (c applied to the fp32
+    block scales: one rounding, so a c within 2⁻⁹ of 1 still moves the bf16 weight) and B as
+    diag(c)·s·B, so y comes out of the two GEMMs, and backward's dL/dx = g·diag(c)D(W) + (g·diag(c)sB)·A
+    needs no c ⊙ g pass either; dL/dm = Σ g ⊙ y / m (c·n = m), from the saved y. Otherwise u is saved
+    and y = u + (c − 1) ⊙ u with c − 1 in bf16, as PEFT: c itself in bf16 would round to 1 early in
+    training.
+
+    `norms` = (c, m̃ or n) from the forward this recomputation repeats (DoRALinear keeps them), so a
+    recomputation skips A·D(W)ᵀ and the row norms; `sink` (a list) receives them when they are
+    computed. Without norms a folded forward dequantizes W twice: plain for A·D(W)ᵀ (n needs it
+    before c is known), then scaled."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, magnitude, base, scale: float, w_sq):
-        dtype = x.dtype
-        w, bias = _base_weight(base, dtype)
+    def forward(ctx, x, lora_A, lora_B, magnitude, base, scale: float, w_sq, norms, sink, stash: int = 0):
+        dtype, out_f = x.dtype, base.out_features
+        fold = foldable(base)
         a = lora_A.to(dtype)
-        u = F.linear(x, w)                       # (..., out), becomes x Wᵀ + s·h Bᵀ below
-        aw = F.linear(a, w)                      # (r, out)
-        probe()
-        del w
-        with torch.no_grad():
-            n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), aw, scale)
-            delta = magnitude.detach() / n - 1   # (out,) fp32
-        b_s = (lora_B * scale).to(dtype)
+        w = None
+        if stash == STASH_REUSE:  # a recomputation whose output feeds nothing: backward reads the stash
+            h = F.linear(x, a)
+            if norms is None:
+                w, _ = _base_weight(base, dtype)
+                with torch.no_grad():
+                    n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), F.linear(a, w), scale)
+                    c, m_safe = _magnitude_scale(magnitude.detach(), n)
+                del w
+                norms = (c, m_safe if fold else n)
+            # a stand-in of the output's metadata, no memory: the checkpoint checks what is saved
+            y = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], out_f)
+            ctx.save_for_backward(x, h, y, lora_A, lora_B, *norms)
+            ctx.base, ctx.scale, ctx.fold = base, scale, fold
+            return y
+        if norms is None:
+            w, bias = _base_weight(base, dtype)
+            aw = F.linear(a, w)                  # (r, out)
+            probe()
+            with torch.no_grad():
+                n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), aw, scale)
+                c, m_safe = _magnitude_scale(magnitude.detach(), n)
+            norms = (c, m_safe if fold else n)
+            if fold:
+                del w
+                w = None
+        if sink is not None:
+            sink.append(norms)
+        c, den = norms
         h = F.linear(x, a)                       # (..., r)
-        u.view(-1, u.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_s.t())
-        delta_c = delta.to(dtype)
-        y = torch.addcmul(u, u, delta_c)
-        if bias is not None:
-            y = y + bias.to(dtype)
-        ctx.save_for_backward(x, h, u, lora_A, lora_B, n, delta_c)
-        ctx.base, ctx.scale = base, scale
-        return y
+        h2 = h.reshape(-1, h.shape[-1])
+        if fold:
+            bias = base.bias
+            w = base.qweight.dequantize(dtype, row_scale=c)  # diag(c)·D(W)
+            y = F.linear(x, w)
+            probe()
+            del w
+            y.view(-1, out_f).addmm_(h2, (lora_B * (scale * c)[:, None]).to(dtype).t())
+            kept = y                             # dL/dm = Σ g ⊙ y / m
+        else:
+            if w is None:
+                w, bias = _base_weight(base, dtype)
+            u = F.linear(x, w)                   # (..., out), becomes x Wᵀ + s·h Bᵀ below
+            probe()
+            del w
+            u.view(-1, out_f).addmm_(h2, (lora_B * scale).to(dtype).t())
+            y = torch.addcmul(u, u, (c - 1).to(dtype))
+            kept = u                             # dL/dm = Σ g ⊙ u / n
+        ctx.save_for_backward(x, h, kept, lora_A, lora_B, c, den)
+        ctx.base, ctx.scale, ctx.fold = base, scale, fold
+        if stash == STASH_KEEP:  # a plain attribute: the checkpoint does not drop it
+            ctx.stashed = kept
+        return y if bias is None else y + bias.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h, u, lora_A, lora_B, n, delta_c = ctx.saved_tensors
+        x, h, kept, lora_A, lora_B, c, den = ctx.saved_tensors
+        stashed = ctx.__dict__.pop("stashed", None)  # freed now: the graph's nodes outlive their backward
+        if stashed is not None:
+            kept = stashed
+        elif kept.numel() and not any(kept.stride()):  # the recomputation's stand-in, and the stash is gone
+            raise RuntimeError("A second backward through a QDoRA graph (retain_graph=True) cannot reuse the "
+                               "down_proj outputs kept for the first one; train with --no-dora-stash.")
         dtype, out_f = grad_out.dtype, grad_out.shape[-1]
         g = grad_out.reshape(-1, out_f)
-        grad_m = (torch.sum(g * u.view(-1, out_f), 0, dtype=torch.float32) / n) if ctx.needs_input_grad[3] else None
-        gu = torch.addcmul(g, g, delta_c)                                 # c ⊙ g
-        a, b_s = lora_A.to(dtype), (lora_B * ctx.scale).to(dtype)
-        gh = gu @ b_s                                                     # (N, r)
-        grad_B = (gu.t() @ h.reshape(-1, h.shape[-1])).float().mul_(ctx.scale) if ctx.needs_input_grad[2] else None
+        grad_m = _column_dots(g, kept.view(-1, out_f)).div_(den) if ctx.needs_input_grad[3] else None
+        sc = ctx.scale * c                                                # (out,) fp32
+        gh = g @ (lora_B * sc[:, None]).to(dtype)                         # (N, r) = s·(c ⊙ g)·B
+        grad_B = (g.t() @ h.reshape(-1, h.shape[-1])).float().mul_(sc[:, None]) if ctx.needs_input_grad[2] else None
         grad_A = (gh.t() @ x.reshape(-1, x.shape[-1])).float() if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w, _ = _base_weight(ctx.base, dtype)
-            grad_x = gu @ w
+            if ctx.fold:
+                w = ctx.base.qweight.dequantize(dtype, row_scale=c)      # diag(c)·D(W)
+                grad_x = g @ w
+            else:
+                w, _ = _base_weight(ctx.base, dtype)
+                grad_x = torch.addcmul(g, g, (c - 1).to(dtype)) @ w      # (c ⊙ g)·D(W)
             probe()
             del w
-            grad_x = grad_x.addmm_(gh, a).view(*grad_out.shape[:-1], -1)
-        return grad_x, grad_A, grad_B, grad_m, None, None, None
+            grad_x = grad_x.addmm_(gh, lora_A.to(dtype)).view(*grad_out.shape[:-1], -1)
+        return grad_x, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
 @maybe_compile
@@ -139,6 +226,8 @@ class DoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._row_sq = None  # ‖W‖²_row of the frozen base, (out,) fp32, filled on first use
         self._row_sq_key = None  # the (device, dtype) it was computed for
+        self._norms = None  # (key, (c, m̃ or n)) of the last forward with grad, for its recomputation
+        self.stash_output_for_recompute = False  # set by qtune.recompute where the output only feeds a sum
         self.reset_magnitude()
 
     def base_weight(self) -> torch.Tensor:
@@ -162,6 +251,15 @@ class DoRALinear(nn.Module):
                 self._row_sq_key = (x.device, x.dtype)
         return self._row_sq
 
+    def _norms_key(self, x: torch.Tensor, w_sq: torch.Tensor) -> tuple:
+        """What c and n depend on. Only a recomputation reuses them, and only right after the forward it
+        repeats (parameters do not change in between), so an update that bumps no version counter
+        (a raw-pointer optimizer kernel) cannot make them stale; the versions are a second guard."""
+        base = self.base_layer
+        w = base.qweight if isinstance(base, QuantLinear) else base.weight
+        ps = (self.lora_A, self.lora_B, self.magnitude)
+        return (x.dtype, x.device, id(w), id(w_sq), getattr(w, "_version", None)) + tuple((id(p), p._version) for p in ps)
+
     def _frozen_products(self, x: torch.Tensor, lora_A: torch.Tensor):
         """(x Wᵀ, A Wᵀ, ‖W‖²_row) without bias; gradient flows to x, and to A when it is not detached."""
         self._frozen_row_sq(x)
@@ -174,8 +272,19 @@ class DoRALinear(nn.Module):
         x_drop = self.dropout(x)  # identity in eval or with dropout 0
         two_inputs = x_drop is not x
         if self.detach_norm and not two_inputs and fusable(self.base_layer):  # the default: one node
-            return _DoRALinearFn.apply(x, self.lora_A, self.lora_B, self.magnitude, self.base_layer,
-                                       float(self.scale), self._frozen_row_sq(x))
+            w_sq = self._frozen_row_sq(x)
+            key = self._norms_key(x, w_sq)
+            # a checkpoint's recomputation repeats the forward just made: reuse its c and n
+            norms = self._norms[1] if recomputing() and self._norms is not None and self._norms[0] == key else None
+            sink = [] if norms is None and torch.is_grad_enabled() else None
+            stash = 0
+            if self.stash_output_for_recompute and torch.is_grad_enabled():
+                stash = STASH_REUSE if recomputing() else STASH_KEEP
+            y = _DoRALinearFn.apply(x, self.lora_A, self.lora_B, self.magnitude, self.base_layer,
+                                    float(self.scale), w_sq, norms, sink, stash)
+            if sink:
+                self._norms = (key, sink[0])
+            return y
         lora_A = self.lora_A.detach() if self.detach_norm else self.lora_A  # the A inside n only
         xw_all, aw, w_sq = self._frozen_products(torch.stack([x, x_drop]) if two_inputs else x, lora_A)
         xw, xdw = xw_all.unbind(0) if two_inputs else (xw_all, xw_all)  # (..., out) each: x Wᵀ, x̃ Wᵀ
