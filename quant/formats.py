@@ -73,6 +73,10 @@ class QuantizedWeight:
     def blocksize(self) -> int:
         return self.state.blocksize
 
+    def resident(self) -> "QuantizedWeight":
+        """Itself: it is in memory (a quant.offload.StreamedWeight reads its home here)."""
+        return self
+
     def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: compute_dtype), dequantized straight into it.
 

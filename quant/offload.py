@@ -158,9 +158,12 @@ class StreamedWeight:
     def blocksize(self) -> int:
         return self._blocksize
 
+    def resident(self) -> QuantizedWeight:
+        """The weight read once (through the prefetcher), for a caller that dequantizes it more than once."""
+        return self.prefetcher.fetch(self) if self.prefetcher is not None else self.load()
+
     def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        qw = self.prefetcher.fetch(self) if self.prefetcher is not None else self.load()
-        return qw.dequantize(dtype, row_scale)
+        return self.resident().dequantize(dtype, row_scale)
 
     def set_compute_dtype(self, dtype) -> None:
         if dtype is not None:

@@ -33,7 +33,7 @@ def test_offloaded_base_gives_the_in_memory_gradients(tiny_llama, tmp_path, meth
         if offload != "none":
             prefetcher = model._qtune_prefetcher
             # forward 7 + recomputation 6 (down_proj skipped; DoRA's kept from the forward) + backward 7
-            # reads per layer (an offloaded DoRA base is not dequantized twice: see dora.foldable)
+            # reads per layer (DoRA's forward dequantizes twice from one read: see dora.foldable)
             assert prefetcher.loads >= len(model.model.layers) * (7 + 6 + 7)
             if offload == "disk":
                 assert all(m.qweight.path.endswith(".safetensors") for m in linears)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import QuantLinear
-from quant.formats import QuantizedWeight, can_scale_rows
+from quant.formats import can_scale_rows
 from qtune.adapters.lora import _base_weight, fusable
 from qtune.compile import maybe_compile
 from qtune.memory import probe
@@ -81,10 +81,9 @@ STASH_KEEP, STASH_REUSE = 1, 2
 
 
 def foldable(base: nn.Module) -> bool:
-    """A QuantLinear whose block scales can carry DoRA's row scale c (quant's dequantize(row_scale=)).
-    Not an offloaded one (quant.offload): its folded forward would read the weight twice."""
-    return (isinstance(base, QuantLinear) and isinstance(base.qweight, QuantizedWeight)
-            and can_scale_rows(base.qweight.shape, base.qweight.blocksize))
+    """A QuantLinear whose block scales can carry DoRA's row scale c (quant's dequantize(row_scale=)),
+    in memory or offloaded (quant.offload: read once for the forward's two dequantizations)."""
+    return isinstance(base, QuantLinear) and can_scale_rows(base.qweight.shape, base.qweight.blocksize)
 
 
 class _DoRALinearFn(torch.autograd.Function):
@@ -126,8 +125,9 @@ class _DoRALinearFn(torch.autograd.Function):
             ctx.save_for_backward(x, h, y, lora_A, lora_B, *norms)
             ctx.base, ctx.scale, ctx.fold = base, scale, fold
             return y
+        qweight = base.qweight.resident() if fold else None  # an offloaded weight: one read for both
         if norms is None:
-            w, bias = _base_weight(base, dtype)
+            w, bias = (qweight.dequantize(dtype), base.bias) if fold else _base_weight(base, dtype)
             aw = F.linear(a, w)                  # (r, out)
             probe()
             with torch.no_grad():
@@ -144,7 +144,7 @@ class _DoRALinearFn(torch.autograd.Function):
         h2 = h.reshape(-1, h.shape[-1])
         if fold:
             bias = base.bias
-            w = base.qweight.dequantize(dtype, row_scale=c)  # diag(c)·D(W)
+            w = qweight.dequantize(dtype, row_scale=c)  # diag(c)·D(W)
             y = F.linear(x, w)
             probe()
             del w
