@@ -56,6 +56,10 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama):
     assert off.activations - lora.activations == b * t * c * outs
     assert on.layer_inputs == 2 * off.layer_inputs
     assert on.activations - lora.activations == L * b * t * h * c + b * t * c * (outs - h)
+    from qtune.plan import suggestions
+    tips = suggestions(TrainConfig(**base, method="qdora"), 2**40)
+    assert any(t.startswith("--no-dora-stash: ") for t in tips)
+    assert not any("dora" in t for t in suggestions(TrainConfig(**base), 2**40))
     plain = dict(base, gradient_checkpointing=False)  # no recomputation, so nothing is stashed
     assert plan_memory(TrainConfig(**plain, method="qdora")) == plan_memory(TrainConfig(**plain, method="qdora",
                                                                                          dora_stash=False))
