@@ -258,7 +258,8 @@ class DoRALinear(nn.Module):
         base = self.base_layer
         w = base.qweight if isinstance(base, QuantLinear) else base.weight
         ps = (self.lora_A, self.lora_B, self.magnitude)
-        return (x.dtype, x.device, id(w), id(w_sq), getattr(w, "_version", None)) + tuple((id(p), p._version) for p in ps)
+        return ((x.dtype, x.device, id(w), id(w_sq), getattr(w, "_version", None))
+                + tuple((id(p), p._version) for p in ps))
 
     def _frozen_products(self, x: torch.Tensor, lora_A: torch.Tensor):
         """(x Wᵀ, A Wᵀ, ‖W‖²_row) without bias; gradient flows to x, and to A when it is not detached."""
