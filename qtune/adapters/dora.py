@@ -77,6 +77,14 @@ def _magnitude_scale(magnitude: torch.Tensor, n: torch.Tensor) -> tuple[torch.Te
     return m / n, m
 
 
+@torch.no_grad()
+def _fused_norms(w, a, w_sq, lora_A, lora_B, magnitude, scale: float, fold: bool):
+    """(c, m̃) for the folded path, (c, n) for the other (what _DoRALinearFn saves), from a dequantized W."""
+    n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), F.linear(a, w), scale)  # F.linear(a, w) = A Wᵀ
+    c, m_safe = _magnitude_scale(magnitude.detach(), n)
+    return c, m_safe if fold else n
+
+
 STASH_KEEP, STASH_REUSE = 1, 2
 
 
@@ -114,12 +122,7 @@ class _DoRALinearFn(torch.autograd.Function):
         if stash == STASH_REUSE:  # a recomputation whose output feeds nothing: backward reads the stash
             h = F.linear(x, a)
             if norms is None:
-                w, _ = _base_weight(base, dtype)
-                with torch.no_grad():
-                    n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), F.linear(a, w), scale)
-                    c, m_safe = _magnitude_scale(magnitude.detach(), n)
-                del w
-                norms = (c, m_safe if fold else n)
+                norms = _fused_norms(_base_weight(base, dtype)[0], a, w_sq, lora_A, lora_B, magnitude, scale, fold)
             # a stand-in of the output's metadata, no memory: the checkpoint checks what is saved
             y = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], out_f)
             ctx.save_for_backward(x, h, y, lora_A, lora_B, *norms)
@@ -128,12 +131,8 @@ class _DoRALinearFn(torch.autograd.Function):
         qweight = base.qweight.resident() if fold else None  # an offloaded weight: one read for both
         if norms is None:
             w, bias = (qweight.dequantize(dtype), base.bias) if fold else _base_weight(base, dtype)
-            aw = F.linear(a, w)                  # (r, out)
             probe()
-            with torch.no_grad():
-                n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), aw, scale)
-                c, m_safe = _magnitude_scale(magnitude.detach(), n)
-            norms = (c, m_safe if fold else n)
+            norms = _fused_norms(w, a, w_sq, lora_A, lora_B, magnitude, scale, fold)
             if fold:
                 del w
                 w = None
