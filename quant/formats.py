@@ -77,24 +77,36 @@ class QuantizedWeight:
         """Itself: it is in memory (a quant.offload.StreamedWeight reads its home here)."""
         return self
 
-    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def block_scales(self) -> torch.Tensor:
+        """The fp32 block scales (absmax), (numel / blocksize,): under double quantization, decoded from
+        their 8-bit nested form (+ offset). For a caller that dequantizes one weight more than once
+        (dequantize(scales=...)), so the nested scales are decoded once."""
+        state = self.state
+        if state.nested:
+            return bnbF.dequantize_blockwise(state.absmax, state.state2).add_(state.offset)
+        return state.absmax.float()
+
+    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None,
+                   scales: torch.Tensor | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: compute_dtype), dequantized straight into it.
 
         row_scale (out,) fp32: the weight's rows times it (diag(row_scale)·W), applied to the fp32
         block scales, so that each value is rounded to `dtype` once. Scaling a bf16 weight afterwards
         rounds twice, and a scale within 2⁻⁹ of 1 would round back to the unscaled weight. Needs
-        blocks that do not straddle rows (can_scale_rows)."""
+        blocks that do not straddle rows (can_scale_rows).
+        scales: this weight's block_scales(), when the caller has them already (row_scale, if given,
+        is applied on top)."""
         dtype = dtype or self.compute_dtype or self.state.dtype
         state = copy.copy(self.state)  # shallow: only the copy's fields change
         state.dtype = dtype
-        if row_scale is not None:
-            if not can_scale_rows(self.shape, self.blocksize):
-                raise ValueError(f"row_scale needs in_features ({self.shape[1]}) divisible by the block size "
-                                 f"({self.blocksize}); scale the dequantized weight instead")
-            absmax = state.absmax
-            if state.nested:  # double quantization: the 8-bit block scales of the block scales
-                absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            state.absmax = (absmax.float().view(self.shape[0], -1) * row_scale.float()[:, None]).reshape(-1)
+        if row_scale is not None and not can_scale_rows(self.shape, self.blocksize):
+            raise ValueError(f"row_scale needs in_features ({self.shape[1]}) divisible by the block size "
+                             f"({self.blocksize}); scale the dequantized weight instead")
+        if row_scale is not None or scales is not None:
+            absmax = self.block_scales() if scales is None else scales
+            if row_scale is not None:  # (out, in / blocksize) scales, each row times its factor
+                absmax = (absmax.view(self.shape[0], -1) * row_scale.float()[:, None]).view(-1)
+            state.absmax = absmax
             state.state2, state.offset, state.nested = None, None, False
         if self.quant_type == "int8":
             return bnbF.dequantize_blockwise(self.packed, state)

@@ -162,8 +162,12 @@ class StreamedWeight:
         """The weight read once (through the prefetcher), for a caller that dequantizes it more than once."""
         return self.prefetcher.fetch(self) if self.prefetcher is not None else self.load()
 
-    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        return self.resident().dequantize(dtype, row_scale)
+    def dequantize(self, dtype: torch.dtype | None = None, row_scale: torch.Tensor | None = None,
+                   scales: torch.Tensor | None = None) -> torch.Tensor:
+        return self.resident().dequantize(dtype, row_scale, scales)
+
+    def block_scales(self) -> torch.Tensor:
+        return self.resident().block_scales()
 
     def set_compute_dtype(self, dtype) -> None:
         if dtype is not None:

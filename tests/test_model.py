@@ -259,9 +259,9 @@ def test_dora_recomputation_reuses_its_norms_and_gradients_are_unchanged(tiny_ll
     calls = {"plain": 0, "scaled": 0}
     real = QuantizedWeight.dequantize
 
-    def counted(self, dtype=None, row_scale=None):
+    def counted(self, dtype=None, row_scale=None, scales=None):
         calls["plain" if row_scale is None else "scaled"] += 1
-        return real(self, dtype, row_scale)
+        return real(self, dtype, row_scale, scales)
     monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
     loss_ckpt, grads_ckpt = _step_grads(model, ids)
     layers = len(model.model.layers)

@@ -54,34 +54,35 @@ class _DequantProductsFn(torch.autograd.Function):
 
 
 def _row_norms(w_sq, lora_A, lora_B, aw, scale):
-    """n = ‖W + s·BA‖_row from the expansion (module docstring); fp32, (out,)."""
-    cross = (lora_B * aw.float().T).sum(1)  # <W, BA>_row
-    lowrank_sq = ((lora_B @ (lora_A @ lora_A.T)) * lora_B).sum(1)  # ‖BA‖²_row via the (r, r) Gram matrix
-    return (w_sq + 2 * scale * cross + scale ** 2 * lowrank_sq).clamp_min(0).sqrt()
+    """n = ‖W + s·BA‖_row from the expansion (module docstring); fp32, (out,):
+        n_i² = ‖W_i‖² + Σ_k B_ik·t_ik,   t = 2s·(A Wᵀ)ᵀ + s²·B·(A Aᵀ)   (out, r)
+    (the cross term 2s<W, BA>_row and ‖s·BA‖²_row through the (r, r) Gram matrix): one addmm and one
+    row-wise dot, few small ops, as this runs once per linear and step."""
+    t = torch.addmm(aw.t().float(), lora_B, lora_A @ lora_A.t(), beta=2 * scale, alpha=scale * scale)
+    return (w_sq + torch.linalg.vecdot(lora_B, t)).clamp_min(0).sqrt()
 
 
 @maybe_compile
-def _column_dots(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Σ_tokens g ⊙ u per output feature, (out,) fp32: compiled, one pass over both (tokens × out)
+def _column_dots(g: torch.Tensor, u: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Σ_tokens g ⊙ u / den per output feature, (out,) fp32: compiled, one pass over both (tokens × out)
     inputs with fp32 products, where eager torch.sum(g * u, 0, dtype=float32) writes the bf16 product
     and then an fp32 copy of it (3× slower at out = 1536, and every product rounded to bf16)."""
-    return (g.float() * u.float()).sum(0)
+    return (g.float() * u.float()).sum(0) / den
 
 
 def _magnitude_scale(magnitude: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, m̃) with c = m̃/n, fp32 (out,). m̃ is m with exact zeros (and |m| < 1e-20) moved to ±1e-20:
     the folded path recovers dL/dm from y = c ⊙ u as Σ g ⊙ y / m̃, which needs c ≠ 0; such a row's
     output is then 1e-20·u/n instead of 0."""
-    tiny = 1e-20
-    m = torch.where(magnitude.abs() < tiny, torch.where(magnitude < 0, -tiny, tiny), magnitude)
+    m = torch.copysign(magnitude.abs().clamp_min(1e-20), magnitude)
     return m / n, m
 
 
 @torch.no_grad()
 def _fused_norms(w, a, w_sq, lora_A, lora_B, magnitude, scale: float, fold: bool):
     """(c, m̃) for the folded path, (c, n) for the other (what _DoRALinearFn saves), from a dequantized W."""
-    n = _row_norms(w_sq, lora_A.detach(), lora_B.detach(), F.linear(a, w), scale)  # F.linear(a, w) = A Wᵀ
-    c, m_safe = _magnitude_scale(magnitude.detach(), n)
+    n = _row_norms(w_sq, lora_A, lora_B, F.linear(a, w), scale)  # F.linear(a, w) = A Wᵀ
+    c, m_safe = _magnitude_scale(magnitude, n)
     return c, m_safe if fold else n
 
 
@@ -118,19 +119,21 @@ class _DoRALinearFn(torch.autograd.Function):
         dtype, out_f = x.dtype, base.out_features
         fold = foldable(base)
         a = lora_A.to(dtype)
-        w = None
         if stash == STASH_REUSE:  # a recomputation whose output feeds nothing: backward reads the stash
             h = F.linear(x, a)
             if norms is None:
                 norms = _fused_norms(_base_weight(base, dtype)[0], a, w_sq, lora_A, lora_B, magnitude, scale, fold)
             # a stand-in of the output's metadata, no memory: the checkpoint checks what is saved
             y = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], out_f)
-            ctx.save_for_backward(x, h, y, lora_A, lora_B, *norms)
+            b_c = (lora_B * (scale * norms[0])[:, None]).to(dtype)
+            ctx.save_for_backward(x, h, y, lora_A, b_c, *norms)
             ctx.base, ctx.scale, ctx.fold = base, scale, fold
             return y
+        w = None
         qweight = base.qweight.resident() if fold else None  # an offloaded weight: one read for both
+        scales = qweight.block_scales() if fold else None     # decoded once for both dequantizations
         if norms is None:
-            w, bias = (qweight.dequantize(dtype), base.bias) if fold else _base_weight(base, dtype)
+            w, bias = (qweight.dequantize(dtype, scales=scales), base.bias) if fold else _base_weight(base, dtype)
             probe()
             norms = _fused_norms(w, a, w_sq, lora_A, lora_B, magnitude, scale, fold)
             if fold:
@@ -139,15 +142,16 @@ class _DoRALinearFn(torch.autograd.Function):
         if sink is not None:
             sink.append(norms)
         c, den = norms
+        b_c = (lora_B * (scale * c)[:, None]).to(dtype)  # (out, r) = diag(c)·s·B, also backward's
         h = F.linear(x, a)                       # (..., r)
         h2 = h.reshape(-1, h.shape[-1])
         if fold:
             bias = base.bias
-            w = qweight.dequantize(dtype, row_scale=c)  # diag(c)·D(W)
+            w = qweight.dequantize(dtype, row_scale=c, scales=scales)  # diag(c)·D(W)
             y = F.linear(x, w)
             probe()
             del w
-            y.view(-1, out_f).addmm_(h2, (lora_B * (scale * c)[:, None]).to(dtype).t())
+            y.view(-1, out_f).addmm_(h2, b_c.t())
             kept = y                             # dL/dm = Σ g ⊙ y / m
         else:
             if w is None:
@@ -158,7 +162,7 @@ class _DoRALinearFn(torch.autograd.Function):
             u.view(-1, out_f).addmm_(h2, (lora_B * scale).to(dtype).t())
             y = torch.addcmul(u, u, (c - 1).to(dtype))
             kept = u                             # dL/dm = Σ g ⊙ u / n
-        ctx.save_for_backward(x, h, kept, lora_A, lora_B, c, den)
+        ctx.save_for_backward(x, h, kept, lora_A, b_c, c, den)
         ctx.base, ctx.scale, ctx.fold = base, scale, fold
         if stash == STASH_KEEP:  # a plain attribute: the checkpoint does not drop it
             ctx.stashed = kept
@@ -166,7 +170,7 @@ class _DoRALinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, h, kept, lora_A, lora_B, c, den = ctx.saved_tensors
+        x, h, kept, lora_A, b_c, c, den = ctx.saved_tensors
         stashed = ctx.__dict__.pop("stashed", None)  # freed now: the graph's nodes outlive their backward
         if stashed is not None:
             kept = stashed
@@ -175,10 +179,10 @@ class _DoRALinearFn(torch.autograd.Function):
                                "down_proj outputs kept for the first one; train with --no-dora-stash.")
         dtype, out_f = grad_out.dtype, grad_out.shape[-1]
         g = grad_out.reshape(-1, out_f)
-        grad_m = _column_dots(g, kept.view(-1, out_f)).div_(den) if ctx.needs_input_grad[3] else None
-        sc = ctx.scale * c                                                # (out,) fp32
-        gh = g @ (lora_B * sc[:, None]).to(dtype)                         # (N, r) = s·(c ⊙ g)·B
-        grad_B = (g.t() @ h.reshape(-1, h.shape[-1])).float().mul_(sc[:, None]) if ctx.needs_input_grad[2] else None
+        grad_m = _column_dots(g, kept.view(-1, out_f), den) if ctx.needs_input_grad[3] else None
+        gh = g @ b_c                                                      # (N, r) = s·(c ⊙ g)·B
+        grad_B = ((g.t() @ h.reshape(-1, h.shape[-1])).float().mul_((ctx.scale * c)[:, None])
+                  if ctx.needs_input_grad[2] else None)
         grad_A = (gh.t() @ x.reshape(-1, x.shape[-1])).float() if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
