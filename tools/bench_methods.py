@@ -1,14 +1,16 @@
-"""qtune's QDoRA and QRoSA steps against qtune's own QLoRA step, alternating, in one invocation.
+"""qtune's QDoRA and QRoSA steps against qtune's own QLoRA step, in lockstep, in one invocation.
 
     python tools/bench_methods.py                      # qdora,qrosa; 3 rounds of 20 timed steps
     python tools/bench_methods.py --methods qdora --repeats 5
+    python tools/bench_methods.py --sequential         # the older mode: one run after the other
 
 The speed issue's goals for these two are relative to our QLoRA (QDoRA <= 1.15x its step time, QRoSA
-at density 1% <= 1.3x). tools/bench_peft.py reports them too, but from medians of runs made minutes
-apart (each method's runs alternate with the peer's, not with QLoRA's), so machine drift between the
-QLoRA and the QDoRA block enters the ratio. Here each method's run directly follows a QLoRA run:
-a round is qlora, M1, qlora, M2, ... and the ratio is the median over rounds of
-(median step time of M) / (median step time of the QLoRA run just before it).
+at density 1% <= 1.3x). On this shared machine a step's time drifts by 2x within minutes, so two
+runs made one after the other (even back to back) put that drift into their ratio. Here a round
+starts a QLoRA worker and the method's worker side by side and steps them in lockstep: step k of
+one, then step k of the other (the order swapped every step, ABBA), each waiting while the other
+runs, the wait untimed. Each step pair sees the same machine, and the ratio is the median over all
+pairs of all rounds of (the method's step k) / (QLoRA's step k); per round medians are shown too.
 
 Same setting, data and worker as tools/bench_peft.py (its --worker qtune METHOD processes: one run per
 process, the step body of qtune.train, 2 warm-up + 20 timed steps by default). Writes
@@ -19,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,6 +35,49 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_peft as bp  # noqa: E402  (the setting, the data and the worker processes)
 
 GOALS = {"qdora": 1.15, "qrosa": 1.3}  # step time / our QLoRA's, from the speed issue
+
+
+def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[str, dict]:
+    """Run two qtune workers side by side, stepping them alternately (see the module docstring);
+    {method: its worker's result}. Loading and the held-out scoring overlap; the steps never do."""
+    procs = {}
+    try:
+        for m in methods:
+            cmd, result, log = bp.worker_command(args, work, "qtune", m, f"{m}-{tag}")
+            ack_r, ack_w = os.pipe()
+            with open(log, "w") as f:
+                proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE,
+                                        stdout=f, stderr=subprocess.STDOUT, pass_fds=(ack_w,))
+            os.close(ack_w)
+            procs[m] = (proc, os.fdopen(ack_r, "rb", buffering=0), result, log)
+        t0 = time.perf_counter()
+
+        def expect(m: str, byte: bytes) -> None:
+            got = procs[m][1].read(1)
+            if got != byte:
+                proc = procs[m][0]
+                raise RuntimeError(f"lockstep: worker {m} stopped (exit {proc.wait()}; log {procs[m][3]})")
+
+        for m in methods:
+            expect(m, b"r")  # loaded, before its first step
+        for k in range(args.warmup + args.steps):
+            for m in (methods if k % 2 == 0 else methods[::-1]):  # ABBA: neither side always goes first
+                procs[m][0].stdin.write(b"go\n")
+                procs[m][0].stdin.flush()
+                expect(m, b"d")
+        out = {}
+        for m in methods:
+            proc, ack, result, log = procs[m]
+            proc.stdin.close()
+            rc = proc.wait()
+            out[m] = bp.read_worker_result(result, log, rc, "qtune", m, f"{m}-{tag}", t0)
+        return out
+    finally:
+        for proc, ack, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            ack.close()
 
 
 def main() -> None:
@@ -42,6 +90,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--sequential", action="store_true",
+                    help="one run after the other (QLoRA, then the method) instead of the two in lockstep")
+    ap.add_argument("--tag", default="", help="suffix of the result files (bench_methods{TAG}.md/.json)")
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in bp.METHODS or m == "qlora"]
@@ -59,39 +110,60 @@ def main() -> None:
         for rep in range(args.repeats):
             row = {}
             for m in methods:
-                ref = bp.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
-                run = bp.run_worker(args, work, "qtune", m, f"{m}-{rep}")
+                if args.sequential:
+                    ref = bp.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
+                    run = bp.run_worker(args, work, "qtune", m, f"{m}-{rep}")
+                else:
+                    pair = lockstep_pair(args, work, ("qlora", m), f"{m}-{rep}")
+                    ref, run = pair["qlora"], pair[m]
                 if "step_times_s" not in ref or "step_times_s" not in run:
                     raise SystemExit(f"round {rep}: a run failed (see {work})")
                 row[m] = {"qlora_s": statistics.median(ref["step_times_s"]),
                           "s": statistics.median(run["step_times_s"]),
-                          "qlora_steps": ref["step_times_s"], "steps": run["step_times_s"]}
+                          "qlora_steps": ref["step_times_s"], "steps": run["step_times_s"],
+                          "heldout_after": run["heldout_after"], "qlora_heldout_after": ref["heldout_after"]}
+                if not args.sequential:
+                    row[m]["pair_ratios"] = [t / q for t, q in zip(run["step_times_s"], ref["step_times_s"])]
             rounds.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {}
     for m in methods:
         ratios = [r[m]["s"] / r[m]["qlora_s"] for r in rounds]
-        summary[m] = {"ratio": statistics.median(ratios), "ratios": ratios,
-                      "s": statistics.median(r[m]["s"] for r in rounds),
+        pairs = [x for r in rounds for x in r[m].get("pair_ratios", [])]
+        summary[m] = {"ratio": statistics.median(pairs if pairs else ratios), "round_ratios": ratios,
+                      "pairs": len(pairs), "s": statistics.median(r[m]["s"] for r in rounds),
                       "qlora_s": statistics.median(r[m]["qlora_s"] for r in rounds), "goal": GOALS.get(m)}
+        if pairs:  # the round medians' spread, and the pairs' middle half, say how firm the median is
+            q = statistics.quantiles(pairs, n=4)
+            summary[m]["pair_quartiles"] = [q[0], q[2]]
+            summary[m]["round_pair_medians"] = [statistics.median(r[m]["pair_ratios"]) for r in rounds]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_methods.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "rounds": rounds, "summary": summary}, indent=1))
-    lines = [f"# qtune methods vs qtune QLoRA, alternating ({bp._cpu_name()})", "",
+    stem = f"bench_methods{args.tag}"
+    (out / f"{stem}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                  "rounds": rounds, "summary": summary}, indent=1))
+    mode = ("one run after the other: each method's run right after a QLoRA run, the ratio per round of the "
+            "two runs' median steps" if args.sequential else
+            "QLoRA and the method in lockstep (step k of one, then of the other, order swapped every step); "
+            "the ratio is the median over all step pairs")
+    lines = [f"# qtune methods vs qtune QLoRA ({bp._cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {bp.SEQ_LEN} × batch {bp.BATCH}, r={bp.RANK}, "
              f"checkpointing, bf16, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
-             "rounds, each method's run right after a QLoRA run.", "",
-             "| method | s/step | QLoRA s/step (the runs just before) | step ratio, median | per round | goal |",
-             "|---|---|---|---|---|---|"]
+             f"rounds; {mode}.", "",
+             "| method | s/step | QLoRA s/step | step ratio, median | per round | middle half of the pairs | held-out after (QLoRA) | goal |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         goal = s["goal"]
         verdict = "" if goal is None else f"≤ {goal}× {'PASS' if s['ratio'] <= goal else 'FAIL'}"
-        lines.append(f"| {m} | {s['s']:.3f} | {s['qlora_s']:.3f} | {s['ratio']:.2f}× | "
-                     f"{', '.join(f'{r:.2f}' for r in s['ratios'])} | {verdict} |")
+        per_round = s.get("round_pair_medians", s["round_ratios"])
+        spread = f"{s['pair_quartiles'][0]:.3f}–{s['pair_quartiles'][1]:.3f} ({s['pairs']} pairs)" if s["pairs"] else "–"
+        held = statistics.median(r[m]["heldout_after"] for r in rounds)
+        held_q = statistics.median(r[m]["qlora_heldout_after"] for r in rounds)
+        lines.append(f"| {m} | {s['s']:.3f} | {s['qlora_s']:.3f} | {s['ratio']:.3f}× | "
+                     f"{', '.join(f'{r:.3f}' for r in per_round)} | {spread} | {held:.4f} ({held_q:.4f}) | {verdict} |")
     text = "\n".join(lines) + "\n"
-    (out / "bench_methods.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
 
 

@@ -161,18 +161,47 @@ def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -
 
 # --- workers: one training run each ------------------------------------------------------------
 
+class LockstepGate:
+    """A worker's side of a lockstep run (tools/bench_methods.py): before each step it waits for the
+    parent's go (a line on stdin), after it says done (a byte on the ack pipe), outside the timed region.
+    So two workers' steps alternate one by one and each pair of steps sees the same machine."""
+
+    def __init__(self, ack_fd: int):
+        self.ack_fd = ack_fd
+
+    def ready(self) -> None:
+        os.write(self.ack_fd, b"r")
+
+    def wait(self) -> None:
+        if not sys.stdin.readline():
+            raise SystemExit("lockstep: the parent went away")
+
+    def done(self) -> None:
+        os.write(self.ack_fd, b"d")
+
+
+GATE: LockstepGate | None = None  # set by worker_main under --lockstep-ack-fd
+
+
 def _train_loop(step_fn, data: dict, warmup: int, steps: int) -> dict:
-    """Run warmup + steps steps of step_fn(input_ids, attention_mask, labels) -> loss; time the last `steps`."""
+    """Run warmup + steps steps of step_fn(input_ids, attention_mask, labels) -> loss; time the last `steps`
+    (in lockstep, each step waits for the parent's go, untimed)."""
     order = data["order"]  # (warmup + steps, batch) row indices
     ids_all, mask_all, lab_all = data["input_ids"], data["attention_mask"], data["labels"]
     times, tokens, losses = [], [], []
+    if GATE is not None:
+        GATE.ready()
     for s in range(warmup + steps):
+        if GATE is not None:
+            GATE.wait()
         t0 = time.perf_counter()
         rows = order[s]
         ids, mask, labels = ids_all[rows], mask_all[rows], lab_all[rows]
         n_input = int(mask.sum())
         loss = step_fn(ids, mask, labels)
         dt = time.perf_counter() - t0
+        if GATE is not None:
+            GATE.done()
         losses.append(loss)
         if s >= warmup:
             times.append(dt)
@@ -327,9 +356,12 @@ def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None
 
 
 def worker_main(args) -> None:
+    global GATE
     quiet_bitsandbytes()
     import torch
 
+    if args.lockstep_ack_fd is not None:
+        GATE = LockstepGate(args.lockstep_ack_fd)
     if args.threads:
         torch.set_num_threads(args.threads)
     side, method = args.worker
@@ -392,15 +424,25 @@ def prepare_data(work: Path, model_dir: Path, plays: int, eval_rows: int, n_step
             "train_tokens": stats.train_tokens}
 
 
-def run_worker(args, work: Path, side: str, method: str, tag: str) -> dict:
+def worker_command(args, work: Path, side: str, method: str, tag: str) -> tuple[list[str], Path, Path]:
+    """(command line, result file, log file) of one worker process."""
     result = work / f"{tag}.json"
-    log = work / f"{tag}.log"
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, method, "--work", str(work),
            "--result", str(result), "--model-dir", str(args.model_dir), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    return cmd, result, work / f"{tag}.log"
+
+
+def run_worker(args, work: Path, side: str, method: str, tag: str) -> dict:
+    cmd, result, log = worker_command(args, work, side, method, tag)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    return read_worker_result(result, log, rc, side, method, tag, t0)
+
+
+def read_worker_result(result: Path, log: Path, rc: int, side: str, method: str, tag: str, t0: float) -> dict:
+    """A finished worker's JSON result (or an error entry with its log's tail), with a one-line summary."""
     if rc != 0 or not result.is_file():
         tail = log.read_text()[-3000:]
         print(f"  {tag}: FAILED (exit {rc})\n{tail}", file=sys.stderr)
@@ -658,6 +700,7 @@ def main():
     ap.add_argument("--worker", nargs=2, metavar=("SIDE", "METHOD"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--lockstep-ack-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.plays < 1 or args.eval_rows < 1:
         raise SystemExit("--steps, --repeats, --plays and --eval-rows must be >= 1, --warmup >= 0")
