@@ -346,3 +346,23 @@ def test_row_scale_needs_blocks_within_rows():
     with pytest.raises(ValueError, match="divisible by the block size"):
         qw.dequantize(torch.float32, row_scale=torch.ones(8))
     assert quant.formats.can_scale_rows(quantize(torch.randn(8, 128)).shape, 64)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True), ("int8", False)])
+def test_block_scales_are_the_blocks_absmax_and_dequantize_takes_them(quant_type, double_quant):
+    """block_scales() = each 64-value block's max |w| (8-bit nested quantization: within its error), and
+    dequantize(scales=block_scales()) equals dequantize() bit for bit, with and without a row scale:
+    QDoRA's forward decodes the nested scales once for its two dequantizations."""
+    torch.manual_seed(0)
+    w = torch.randn(48, 128)
+    qw = quantize(w, quant_type, double_quant)
+    scales = qw.block_scales()
+    assert scales.dtype == torch.float32 and scales.shape == (w.numel() // 64,)
+    torch.testing.assert_close(scales, w.view(-1, 64).abs().amax(1), rtol=0.02 if double_quant else 1e-6, atol=0)
+    c = 1 + 0.1 * torch.randn(48)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(qw.dequantize(dtype, scales=scales), qw.dequantize(dtype))
+        assert torch.equal(qw.dequantize(dtype, row_scale=c, scales=scales), qw.dequantize(dtype, row_scale=c))
+    # the scales really are what the dequantization uses: doubled scales, doubled weight
+    torch.testing.assert_close(qw.dequantize(torch.float32, scales=2 * scales), 2 * qw.dequantize(torch.float32),
+                               rtol=0, atol=0)
