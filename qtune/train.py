@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtune.adapters import adapter_state_dict, load_adapter_state_dict
+from qtune.adapters.dora import parameters_fixed
 from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_tmp,
                               save_checkpoint, set_rng_state, unflatten_optimizer_state)
 from qtune.config import TrainConfig
@@ -182,12 +183,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         n_tokens = sum(int((train_rows.labels[rows][:, 1:] != -100).sum()) for rows in batches)  # labelled
         n_input = sum(int(train_rows.attention_mask[rows].sum()) for rows in batches)  # tokens processed
         loss_sum = 0.0
-        for rows in batches:  # the step's loss is the mean over all its labelled tokens
-            ids, mask, labels = (t[rows].to(device) for t in (train_rows.input_ids, train_rows.attention_mask,
-                                                              train_rows.labels))
-            loss, _ = causal_lm_loss(model, ids, mask, labels)
-            (loss / max(n_tokens, 1)).backward()
-            loss_sum += loss.item()
+        with parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once for all batches
+            for rows in batches:  # the step's loss is the mean over all its labelled tokens
+                ids, mask, labels = (t[rows].to(device) for t in (train_rows.input_ids, train_rows.attention_mask,
+                                                                  train_rows.labels))
+                loss, _ = causal_lm_loss(model, ids, mask, labels)
+                (loss / max(n_tokens, 1)).backward()
+                loss_sum += loss.item()
         last_loss = loss_sum / max(n_tokens, 1)
         if not math.isfinite(last_loss):
             kept = complete_checkpoints(run_dir)

@@ -1,5 +1,7 @@
 """The loss: qtune's chunked cross-entropy equals torch's on the full logits, value and gradient."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,6 +277,54 @@ def test_dora_recomputation_reuses_its_norms_and_gradients_are_unchanged(tiny_ll
     assert grads_ckpt.keys() == grads_plain.keys() and len(grads_ckpt) > 0
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
+
+
+def test_dora_norms_once_per_optimizer_step_inside_parameters_fixed(tiny_llama, tmp_path, monkeypatch):
+    """Gradient accumulation: inside parameters_fixed() (qtune.train's micro-batches of one step) only the
+    first forward computes QDoRA's norms (one plain dequantization per linear for all micro-batches), the
+    gradients equal those computed without it, and leaving it forgets the norms, so an update that bumps
+    no version counter (.data) is seen by the next forward."""
+    from qtune.adapters.dora import parameters_fixed
+    from quant.formats import QuantizedWeight
+
+    model = _dora_model(tiny_llama, tmp_path, stash=True)
+    batches = [torch.randint(3, model.config.vocab_size, (2, 32)) for _ in range(3)]
+    calls = {"plain": 0, "scaled": 0}
+    real = QuantizedWeight.dequantize
+
+    def counted(self, dtype=None, row_scale=None, scales=None):
+        calls["plain" if row_scale is None else "scaled"] += 1
+        return real(self, dtype, row_scale, scales)
+
+    def accumulate(fixed: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        with parameters_fixed() if fixed else contextlib.nullcontext():
+            for ids in batches:
+                loss, n = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+                (loss / n).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    with torch.no_grad():
+        model(batches[0])  # each layer's ‖W‖²_row, computed once per run
+    monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
+    fixed = accumulate(True)
+    assert calls["plain"] == len(model.model.layers) * 7  # the first micro-batch's forward only
+    calls.update(plain=0)
+    free = accumulate(False)
+    assert calls["plain"] == len(model.model.layers) * 7 * len(batches)
+    for name in free:
+        torch.testing.assert_close(fixed[name], free[name], **TOL[torch.float32], msg=name)
+    ids = batches[0]
+    with parameters_fixed():
+        model(ids)  # norms stored
+    for m in model.modules():
+        if hasattr(m, "magnitude"):
+            m.lora_B.data.mul_(3.0)  # no version bump
+    with parameters_fixed():
+        got = model(ids).logits
+    with torch.no_grad():
+        want = model(ids).logits  # no grad: norms computed afresh
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 def test_dora_stash_is_freed_by_its_backward_and_a_second_backward_is_refused(tiny_llama, tmp_path):

@@ -16,6 +16,7 @@ checkpoint's recomputation, and keeps down_proj's output for backward instead of
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,6 +88,26 @@ def _fused_norms(w, a, w_sq, lora_A, lora_B, magnitude, scale: float, fold: bool
 
 
 STASH_KEEP, STASH_REUSE = 1, 2
+
+
+# parameters_fixed(): how deep inside it we are, and a number that changes on every entry and exit
+_FIXED = {"depth": 0, "generation": 0}
+
+
+@contextlib.contextmanager
+def parameters_fixed():
+    """Declares that the adapters' parameters do not change inside (the micro-batches of one optimizer
+    step: qtune.train wraps them in it), so each DoRA layer computes its norms n = ‖W + s·BA‖ once and
+    every forward reuses them, not only a checkpoint's recomputation: with --grad-accum k the plain
+    dequantization, A·Wᵀ and the norm ops run once instead of k times. Entering and leaving it forget
+    all norms, so an update between scopes that bumps no version counter cannot leave them stale."""
+    _FIXED["depth"] += 1
+    _FIXED["generation"] += 1
+    try:
+        yield
+    finally:
+        _FIXED["depth"] -= 1
+        _FIXED["generation"] += 1
 
 
 def foldable(base: nn.Module) -> bool:
@@ -255,13 +276,14 @@ class DoRALinear(nn.Module):
         return self._row_sq
 
     def _norms_key(self, x: torch.Tensor, w_sq: torch.Tensor) -> tuple:
-        """What c and n depend on. Only a recomputation reuses them, and only right after the forward it
-        repeats (parameters do not change in between), so an update that bumps no version counter
-        (a raw-pointer optimizer kernel) cannot make them stale; the versions are a second guard."""
+        """What c and n depend on. Only a recomputation reuses them, right after the forward it repeats,
+        or a forward inside parameters_fixed() (whose entry and exit change the key), so an update that
+        bumps no version counter (a raw-pointer optimizer kernel) cannot make them stale; the versions
+        are a second guard."""
         base = self.base_layer
         w = base.qweight if isinstance(base, QuantLinear) else base.weight
         ps = (self.lora_A, self.lora_B, self.magnitude)
-        return ((x.dtype, x.device, id(w), id(w_sq), getattr(w, "_version", None))
+        return ((_FIXED["generation"], x.dtype, x.device, id(w), id(w_sq), getattr(w, "_version", None))
                 + tuple((id(p), p._version) for p in ps))
 
     def _frozen_products(self, x: torch.Tensor, lora_A: torch.Tensor):
@@ -278,8 +300,10 @@ class DoRALinear(nn.Module):
         if self.detach_norm and not two_inputs and fusable(self.base_layer):  # the default: one node
             w_sq = self._frozen_row_sq(x)
             key = self._norms_key(x, w_sq)
-            # a checkpoint's recomputation repeats the forward just made: reuse its c and n
-            norms = self._norms[1] if recomputing() and self._norms is not None and self._norms[0] == key else None
+            # a checkpoint's recomputation repeats the forward just made, and inside parameters_fixed()
+            # the parameters are those of the last forward: reuse its c and n
+            reuse = (recomputing() or _FIXED["depth"] > 0) and self._norms is not None and self._norms[0] == key
+            norms = self._norms[1] if reuse else None
             sink = [] if norms is None and torch.is_grad_enabled() else None
             stash = 0
             if self.stash_output_for_recompute and torch.is_grad_enabled():
