@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +41,7 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[
     procs = {}
     try:
         for m in methods:
-            cmd, result, log = bp.worker_command(args, work, "qtune", m, f"{m}-{tag}")
-            ack_r, ack_w = os.pipe()
-            with open(log, "w") as f:
-                proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE,
-                                        stdout=f, stderr=subprocess.STDOUT, pass_fds=(ack_w,))
-            os.close(ack_w)
-            procs[m] = (proc, os.fdopen(ack_r, "rb", buffering=0), result, log)
+            procs[m] = bp.start_gated_worker(args, work, "qtune", m, f"{m}-{tag}")
         t0 = time.perf_counter()
 
         def expect(m: str, byte: bytes) -> None:

@@ -433,6 +433,19 @@ def worker_command(args, work: Path, side: str, method: str, tag: str) -> tuple[
     return cmd, result, work / f"{tag}.log"
 
 
+def start_gated_worker(args, work: Path, side: str, method: str, tag: str):
+    """A worker under the lockstep gate (LockstepGate): (process, ack pipe, result file, log file). The
+    parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then b"d" after
+    each step from the ack pipe."""
+    cmd, result, log = worker_command(args, work, side, method, tag)
+    ack_r, ack_w = os.pipe()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=f,
+                                stderr=subprocess.STDOUT, pass_fds=(ack_w,))
+    os.close(ack_w)
+    return proc, os.fdopen(ack_r, "rb", buffering=0), result, log
+
+
 def run_worker(args, work: Path, side: str, method: str, tag: str) -> dict:
     cmd, result, log = worker_command(args, work, side, method, tag)
     t0 = time.perf_counter()

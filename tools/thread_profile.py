@@ -96,13 +96,7 @@ def check_perf() -> str:
 
 def profile(args, work: Path, perf: str) -> tuple[dict[int, Counter], int, list[float]]:
     """Run one worker, step it through the warm-up untraced, then record exactly --steps steps."""
-    cmd, result, log = bp.worker_command(args, work, "qtune", args.method, f"profile-{args.method}")
-    ack_r, ack_w = os.pipe()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=f,
-                                stderr=subprocess.STDOUT, pass_fds=(ack_w,))
-    os.close(ack_w)
-    ack = os.fdopen(ack_r, "rb", buffering=0)
+    proc, ack, _, log = bp.start_gated_worker(args, work, "qtune", args.method, f"profile-{args.method}")
     data = work / "perf.data"
     rec = None
     try:
