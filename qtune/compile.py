@@ -1,8 +1,11 @@
 """torch.compile for the small fused pieces of a step, with an eager fallback that never crashes.
 
-Only pure tensor functions are compiled (the chunked cross-entropy's softmax and gradient, RMSNorm,
-SiLU·up, the rotary embedding): compiling whole decoder layers is slower here, because qtune's
-custom autograd functions (the quantized linears) break the graph. Inductor's artifacts are cached
+Pure tensor functions are compiled (the chunked cross-entropy's softmax and gradient, RMSNorm,
+SiLU·up, the rotary embedding); and on the CPU, a checkpointed decoder layer whose linears are plain
+LoRA adapters (QLoRA, QPiSSA, 16-bit LoRA) runs as one compiled graph (CompiledLayerCheckpoint):
+there the linears switch to traceable ops (qtune.adapters.lora.lora_traced, bitsandbytes' registered
+dequantization operators), since a custom autograd function would break the graph. DoRA and RoSA
+layers keep their custom autograd nodes, eagerly. Inductor's artifacts are cached
 under $QTUNE_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR is set), so only a machine's first run
 pays the compile (~10 s).
 
@@ -17,6 +20,7 @@ import os
 import warnings
 
 import torch
+import torch.utils.checkpoint
 
 
 def env_enabled() -> bool:
@@ -60,7 +64,7 @@ def maybe_compile(fn):
     def run(*args, **kwargs):
         nonlocal compiled
         global _failed
-        if not enabled():
+        if not enabled() or torch.compiler.is_compiling():  # inside a compiled layer: traced into its graph
             return fn(*args, **kwargs)
         if compiled is None:
             _cache_dir()
@@ -77,3 +81,65 @@ def maybe_compile(fn):
 
     run.eager = fn
     return run
+
+
+# --- whole decoder layers ------------------------------------------------------------------------
+
+_layers_failed = False
+_compiled_checkpoint = None
+
+
+def _checkpoint(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+class CompiledLayerCheckpoint:
+    """A decoder layer's `_gradient_checkpointing_func` (what transformers' GradientCheckpointingLayer
+    calls with the layer's forward and its inputs) that runs the checkpointed layer as one compiled
+    graph: torch.compile traces the checkpoint (a higher-order op), so the layer's forward, its
+    recomputation and its backward are each one compiled function — no per-op Python, autograd nodes
+    or dispatch inside — and the compiler's partitioner recomputes only what backward reads.
+    Under no_grad (evaluation in train mode) the layer runs eagerly without checkpointing; if the
+    compile fails, `eager` (the checkpoint function it replaced) runs, after one warning."""
+
+    def __init__(self, eager):
+        self.eager = eager
+
+    def __call__(self, function, *args):
+        global _layers_failed, _compiled_checkpoint
+        if not torch.is_grad_enabled():
+            return function(*args)
+        if _layers_failed or not enabled():
+            return self.eager(function, *args)
+        if _compiled_checkpoint is None:
+            _cache_dir()
+            _compiled_checkpoint = torch.compile(_checkpoint)
+        try:
+            return _compiled_checkpoint(function, *args)
+        except _compile_errors() as e:
+            _layers_failed = True
+            warnings.warn(f"torch.compile of the decoder layers failed ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0][:200]}); qtune continues with eager layers (slower, "
+                          "same results). Set QTUNE_COMPILE=0 to skip the attempt.", stacklevel=2)
+            return self.eager(function, *args)
+
+
+def layers_env_enabled() -> bool:
+    """QTUNE_COMPILE_LAYERS=0 keeps the decoder layers eager (the elementwise pieces stay compiled)."""
+    return os.environ.get("QTUNE_COMPILE_LAYERS", "1") not in ("0", "false", "no")
+
+
+def compile_decoder_layers(layers, eligible) -> int:
+    """Route each checkpointed decoder layer for which `eligible(layer)` holds through
+    CompiledLayerCheckpoint; returns how many. Nothing when compiling is off, or with
+    QTUNE_COMPILE_LAYERS=0 (only the elementwise pieces compiled: the eager layers, to compare)."""
+    if not enabled() or not layers_env_enabled():
+        return 0
+    n = 0
+    for layer in layers:
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(layer, "gradient_checkpointing", False) and func is not None and eligible(layer):
+            if not isinstance(func, CompiledLayerCheckpoint):
+                layer._gradient_checkpointing_func = CompiledLayerCheckpoint(func)
+            n += 1
+    return n

@@ -19,7 +19,9 @@ Each term is computed for qtune's own implementation (what its meter measures):
 - logits: qtune's chunked cross-entropy holds one chunk's logits (bf16 head output + fp32 logits,
   turned into the softmax in place) plus the final hidden states and their gradient, never
   batch × seq × vocab at once.
-- dequantization buffers: the largest decoder linear dequantized to the compute dtype (one at a time).
+- dequantization buffers: the largest decoder linear dequantized to the compute dtype (one at a time);
+  with compiled decoder layers (qtune.compile, CPU), all of one layer's linears: its compiled
+  backward recomputes them together.
 The terms are not all alive at once: total_bytes is the peak over the two moments of a step that
 bound it (see Plan.total_bytes), which is what the meter's peak_memory_bytes measures.
 """
@@ -34,7 +36,7 @@ from torch import nn
 
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
-from qtune.model import CE_BYTES_PER_LOGIT, attention_implementation, ce_chunk_tokens
+from qtune.model import CE_BYTES_PER_LOGIT, attention_implementation, ce_chunk_tokens, compiles_layers
 from quant import QuantLinear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -214,7 +216,13 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)
     # one chunk's logits, plus the final hidden states and their gradient (n, h)
     logits = chunk * config.vocab_size * CE_BYTES_PER_LOGIT + 2 * b * t * config.hidden_size * c
-    dequant = max((m.in_features * m.out_features for m in linears.values()), default=0) * c if cfg.bits != 16 else 0
+    sizes = [m.in_features * m.out_features for m in linears.values()]
+    if cfg.bits == 16:
+        dequant = 0
+    elif compiles_layers(cfg, device):  # a compiled layer's backward holds all its dequantized weights
+        dequant = sum(sizes) // L * c
+    else:
+        dequant = max(sizes, default=0) * c
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
                 loss_phase=layer_inputs + logits,
                 backward_phase=backward_peak(activations - internals, grads, L) + internals + dequant)

@@ -116,6 +116,25 @@ class QuantizedWeight:
         state.shape = torch.Size([self.shape.numel()])
         return bnbF.dequantize_4bit(self.packed, state).view(self.shape)
 
+    def dequantize_traced(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """dequantize(dtype), bit for bit, through bitsandbytes' registered operators only
+        (torch.ops.bitsandbytes.dequantize_blockwise / dequantize_4bit, which have fake kernels):
+        torch.compile traces this into a graph, where dequantize()'s Python (QuantState copies,
+        bitsandbytes.functional's checks) would break it. No row_scale / scales arguments."""
+        dtype = dtype or self.compute_dtype or self.state.dtype
+        state, ops = self.state, torch.ops.bitsandbytes
+        if state.nested:
+            nested = state.state2
+            absmax = ops.dequantize_blockwise(state.absmax, nested.absmax, nested.code, nested.blocksize,
+                                              torch.float32) + state.offset
+        else:
+            absmax = state.absmax.float()
+        if self.quant_type == "int8":
+            return ops.dequantize_blockwise(self.packed, absmax, state.code, state.blocksize, dtype)
+        # one row of numel values: the kernel's blocks run over the flat weight (see dequantize())
+        return ops.dequantize_4bit(self.packed, absmax, state.blocksize, self.quant_type,
+                                   [1, self.shape.numel()], dtype).view(self.shape)
+
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """The dtype dequantize() returns by default: the matmul's (bf16 on CPU), so that no fp32
         copy of the weight is made on the hot path."""

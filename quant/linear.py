@@ -88,6 +88,9 @@ class QuantLinear(nn.Module):
         return self.qweight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and hasattr(self.qweight, "dequantize_traced"):
+            # inside a compiled graph: plain differentiable ops (autograd of the graph gives dL/dx)
+            return F.linear(x, self.qweight.dequantize_traced(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return dequant_linear(x, self.qweight, self.bias)
 
     def extra_repr(self) -> str:

@@ -101,6 +101,25 @@ def fusable(base: nn.Module) -> bool:
             and not any(p.requires_grad for p in base.parameters()))
 
 
+def lora_traced(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused node's forward as plain differentiable ops, for a compiled decoder layer
+    (qtune.compile.compile_decoder_layers): torch.compile traces it into the layer's graph and
+    derives the backward, and its partitioner drops from the recomputation what backward never
+    reads (down_proj's base GEMM: qtune.recompute's skip, found by the compiler). Same products
+    and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm."""
+    base, dtype = layer.base_layer, x.dtype
+    if isinstance(base, QuantLinear):
+        w = base.qweight.dequantize_traced(dtype)
+    elif isinstance(base, nn.Linear):
+        w = base.weight.to(dtype)
+    else:
+        return base(x) + layer.scale * F.linear(F.linear(layer.dropout(x), layer.lora_A.to(dtype)), layer.lora_B.to(dtype))
+    y = F.linear(x, w, None if base.bias is None else base.bias.to(dtype))
+    h = F.linear(layer.dropout(x), layer.lora_A.to(dtype))                       # (..., r)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
+    return out.view(y.shape)
+
+
 def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool, sparse: tuple | None = None) -> torch.Tensor:
     """base(x) + s·dropout(x)·Aᵀ·Bᵀ for a LoRA-style layer (lora_A, lora_B, scale, dropout,
     base_layer); only the adapter's part when `skip_base`. One fused node where the base allows it;
@@ -132,6 +151,8 @@ class LoRALinear(nn.Module):
         self.skip_base_in_recompute = False  # set by qtune.recompute where the output only feeds a sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled decoder layer (qtune.compile)
+            return lora_traced(self, x)
         # in a recomputation the base may be skipped: backward reads only the adapter's saved tensors
         return lora_forward(self, x, can_skip(self))
 
