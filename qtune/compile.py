@@ -4,8 +4,9 @@ Pure tensor functions are compiled (the chunked cross-entropy's softmax and grad
 SiLU·up, the rotary embedding); and on the CPU, a checkpointed decoder layer whose linears are plain
 LoRA adapters (QLoRA, QPiSSA, 16-bit LoRA) runs as one compiled graph (CompiledLayerCheckpoint):
 there the linears switch to traceable ops (qtune.adapters.lora.lora_traced, bitsandbytes' registered
-dequantization operators), since a custom autograd function would break the graph. DoRA and RoSA
-layers keep their custom autograd nodes, eagerly. Inductor's artifacts are cached
+dequantization operators), since a custom autograd function would break the graph; QDoRA with the
+norm detached (the default) traces too (qtune.adapters.dora.dora_traced). RoSA layers keep their
+custom autograd nodes, eagerly. Inductor's artifacts are cached
 under $QTUNE_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR is set), so only a machine's first run
 pays the compile (~10 s).
 

@@ -74,25 +74,29 @@ def compiles_layers(cfg: TrainConfig, device: str = "cpu") -> bool:
     """Whether build_model runs this configuration's decoder layers as compiled graphs (the
     configuration-level form of compilable_layer, for qtune.plan)."""
     return (device == "cpu" and cfg.gradient_checkpointing and cfg.compile and qcompile.layers_env_enabled()
-            and cfg.method in ("qlora", "qpissa") and cfg.dropout == 0 and cfg.offload != "disk")
+            and (cfg.method in ("qlora", "qpissa") or cfg.method == "qdora" and cfg.dora_detach_norm)
+            and cfg.dropout == 0 and cfg.offload != "disk")
 
 
 def compilable_layer(layer: nn.Module) -> bool:
     """Whether a decoder layer can run as one compiled graph (qtune.compile.compile_decoder_layers):
-    every adapted linear in it is a plain LoRALinear without dropout on a base the fused node
-    computes (a resident quantized or frozen 16-bit linear), every unadapted QuantLinear holds its
-    weight in memory, and no submodule has hooks. DoRA and RoSA adapters (their own autograd nodes),
-    dropout (its random mask would have to be replayed in the compiled recomputation) and weights
-    streamed from disk or host (quant.offload) keep the eager path."""
+    every adapted linear in it is a LoRALinear, or a DoRALinear with the norm detached, without
+    dropout, on a base the fused node computes (a resident quantized or frozen 16-bit linear), every
+    unadapted QuantLinear holds its weight in memory, and no submodule has hooks. RoSA adapters (the
+    sparse term's SDDMM is its own autograd node), DoRA with the norm's gradient, dropout (its random
+    mask would have to be replayed in the compiled recomputation) and weights streamed from disk or
+    host (quant.offload) keep the eager path."""
     from quant import QuantLinear
     from quant.formats import QuantizedWeight
+    from qtune.adapters.dora import DoRALinear
     from qtune.adapters.lora import LoRALinear, fusable
 
     for m in layer.modules():
         if m is not layer and (m._forward_hooks or m._forward_pre_hooks):
             return False
         if hasattr(m, "base_layer"):
-            if type(m) is not LoRALinear or not isinstance(m.dropout, nn.Identity) or not fusable(m.base_layer):
+            kind_ok = type(m) is LoRALinear or (type(m) is DoRALinear and m.detach_norm)
+            if not kind_ok or not isinstance(m.dropout, nn.Identity) or not fusable(m.base_layer):
                 return False
         if isinstance(m, QuantLinear) and type(m.qweight) is not QuantizedWeight:
             return False

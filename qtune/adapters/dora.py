@@ -219,6 +219,29 @@ class _DoRALinearFn(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
+def dora_traced(layer: "DoRALinear", x: torch.Tensor) -> torch.Tensor:
+    """DoRA with the norm detached and no dropout as plain differentiable ops, for a compiled decoder
+    layer (qtune.compile.compile_decoder_layers; the compiler derives the backward):
+        u = x·D(W)ᵀ + s·(x Aᵀ)Bᵀ (one addmm accumulating the adapter into the base GEMM's output),
+        y = c ⊙ u + b,  c = m/n,  n = ‖W + s·BA‖_row from _row_norms, without gradient (§4.3).
+    c multiplies u in fp32 (one fused pass when compiled): c rounded to bf16 would snap to 1 early in
+    training. ‖W‖² and A·Wᵀ come from the forward's dequantized W, so the forward and the compiled
+    recomputation each compute n (a product of r rows: r/tokens of the base GEMM), where the eager
+    node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph."""
+    base, dtype = layer.base_layer, x.dtype
+    w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
+    a = layer.lora_A.to(dtype)
+    with torch.no_grad():
+        w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+        n = _row_norms(w_sq, layer.lora_A, layer.lora_B, F.linear(a, w), layer.scale)
+    u = F.linear(x, w)
+    h = F.linear(x, a)
+    u = torch.addmm(u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
+    y = (u.float() * (layer.magnitude / n)).to(dtype).view(*x.shape[:-1], -1)
+    bias = base.bias
+    return y if bias is None else y + bias.to(dtype)
+
+
 @maybe_compile
 def _dora_combine(xw, xdw, lora, delta):
     """y = x Wᵀ + (m/n − 1) ⊙ x̃ Wᵀ + (m/n) ⊙ lora, one fused kernel (and one for its backward)."""
@@ -295,6 +318,9 @@ class DoRALinear(nn.Module):
         return F.linear(x, w), F.linear(lora_A.to(x.dtype), w), self._row_sq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.detach_norm and isinstance(self.dropout, nn.Identity) \
+                and fusable(self.base_layer):  # a compiled decoder layer (qtune.compile)
+            return dora_traced(self, x)
         x_drop = self.dropout(x)  # identity in eval or with dropout 0
         two_inputs = x_drop is not x
         if self.detach_norm and not two_inputs and fusable(self.base_layer):  # the default: one node
