@@ -5,8 +5,8 @@ SiLU·up, the rotary embedding); and on the CPU, a checkpointed decoder layer wh
 LoRA adapters (QLoRA, QPiSSA, 16-bit LoRA) runs as one compiled graph (CompiledLayerCheckpoint):
 there the linears switch to traceable ops (qtune.adapters.lora.lora_traced, bitsandbytes' registered
 dequantization operators), since a custom autograd function would break the graph; QDoRA with the
-norm detached (the default) traces too (qtune.adapters.dora.dora_traced). RoSA layers keep their
-custom autograd nodes, eagerly. Inductor's artifacts are cached
+norm detached (the default) traces too (qtune.adapters.dora.dora_traced), and QRoSA once its support
+is fixed (qtune.adapters.rosa.rosa_traced: the sparse term is a custom operator with its own backward). Inductor's artifacts are cached
 under $QTUNE_CACHE/inductor (unless TORCHINDUCTOR_CACHE_DIR is set), so only a machine's first run
 pays the compile (~10 s).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 
 import torch
 import torch.utils.checkpoint
@@ -100,17 +101,21 @@ class CompiledLayerCheckpoint:
     graph: torch.compile traces the checkpoint (a higher-order op), so the layer's forward, its
     recomputation and its backward are each one compiled function — no per-op Python, autograd nodes
     or dispatch inside — and the compiler's partitioner recomputes only what backward reads.
-    Under no_grad (evaluation in train mode) the layer runs eagerly without checkpointing; if the
-    compile fails, `eager` (the checkpoint function it replaced) runs, after one warning."""
+    Under no_grad (evaluation in train mode) the layer runs eagerly without checkpointing. `eager`
+    (the checkpoint function it replaced) runs where the compile failed (after one warning) and
+    whenever `eligible(layer)` does not hold at the call: it is checked at every call, since a layer
+    changes (RoSA's support selection hooks the linears, then fixes the support)."""
 
-    def __init__(self, eager):
-        self.eager = eager
+    def __init__(self, eager, layer, eligible):
+        self.eager, self.eligible = eager, eligible
+        self.layer = weakref.ref(layer)
 
     def __call__(self, function, *args):
         global _layers_failed, _compiled_checkpoint
         if not torch.is_grad_enabled():
             return function(*args)
-        if _layers_failed or not enabled():
+        layer = self.layer()
+        if _layers_failed or not enabled() or layer is None or not self.eligible(layer):
             return self.eager(function, *args)
         if _compiled_checkpoint is None:
             _cache_dir()
@@ -131,16 +136,16 @@ def layers_env_enabled() -> bool:
 
 
 def compile_decoder_layers(layers, eligible) -> int:
-    """Route each checkpointed decoder layer for which `eligible(layer)` holds through
-    CompiledLayerCheckpoint; returns how many. Nothing when compiling is off, or with
-    QTUNE_COMPILE_LAYERS=0 (only the elementwise pieces compiled: the eager layers, to compare)."""
+    """Route each checkpointed decoder layer through CompiledLayerCheckpoint, which compiles it at
+    the calls where `eligible(layer)` holds; returns how many are eligible now. Nothing when compiling
+    is off, or with QTUNE_COMPILE_LAYERS=0 (only the elementwise pieces compiled: eager layers)."""
     if not enabled() or not layers_env_enabled():
         return 0
     n = 0
     for layer in layers:
         func = getattr(layer, "_gradient_checkpointing_func", None)
-        if getattr(layer, "gradient_checkpointing", False) and func is not None and eligible(layer):
+        if getattr(layer, "gradient_checkpointing", False) and func is not None:
             if not isinstance(func, CompiledLayerCheckpoint):
-                layer._gradient_checkpointing_func = CompiledLayerCheckpoint(func)
-            n += 1
+                layer._gradient_checkpointing_func = CompiledLayerCheckpoint(func, layer, eligible)
+            n += eligible(layer)
     return n

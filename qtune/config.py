@@ -114,7 +114,8 @@ class TrainConfig:
     """GiB the run may use (0 = the device's memory): the plan must fit under it before loading, and
     the run warns when the measured peak exceeds it."""
     compile: bool = True
-    """torch.compile the fused elementwise kernels (qtune.compile); off: the same math, eagerly."""
+    """torch.compile the fused elementwise kernels and, on the CPU, whole checkpointed decoder layers of
+    LoRA-family and QDoRA runs (qtune.compile); off: the same math, eagerly."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed dataset lines instead of stopping."""
     output: str = "runs/qtune"

@@ -73,29 +73,33 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
 def compiles_layers(cfg: TrainConfig, device: str = "cpu") -> bool:
     """Whether build_model runs this configuration's decoder layers as compiled graphs (the
     configuration-level form of compilable_layer, for qtune.plan)."""
-    return (device == "cpu" and cfg.gradient_checkpointing and cfg.compile and qcompile.layers_env_enabled()
-            and (cfg.method in ("qlora", "qpissa") or cfg.method == "qdora" and cfg.dora_detach_norm)
+    return (device == "cpu" and cfg.gradient_checkpointing and cfg.compile and qcompile.env_enabled()
+            and qcompile.layers_env_enabled()
+            and (cfg.method in ("qlora", "qpissa", "qrosa") or cfg.method == "qdora" and cfg.dora_detach_norm)
             and cfg.dropout == 0 and cfg.offload != "disk")
 
 
 def compilable_layer(layer: nn.Module) -> bool:
     """Whether a decoder layer can run as one compiled graph (qtune.compile.compile_decoder_layers):
-    every adapted linear in it is a LoRALinear, or a DoRALinear with the norm detached, without
-    dropout, on a base the fused node computes (a resident quantized or frozen 16-bit linear), every
-    unadapted QuantLinear holds its weight in memory, and no submodule has hooks. RoSA adapters (the
-    sparse term's SDDMM is its own autograd node), DoRA with the norm's gradient, dropout (its random
-    mask would have to be replayed in the compiled recomputation) and weights streamed from disk or
-    host (quant.offload) keep the eager path."""
+    every adapted linear in it is a LoRALinear, a DoRALinear with the norm detached or a RoSALinear
+    with its support fixed, without dropout, on a base the fused node computes (a resident quantized
+    or frozen 16-bit linear), every unadapted QuantLinear holds its weight in memory, and no
+    submodule has hooks (RoSA's support selection hooks the linears). DoRA with the norm's gradient,
+    dropout (its random mask would have to be replayed in the compiled recomputation) and weights
+    streamed from disk or host (quant.offload) keep the eager path. Checked at every call
+    (qtune.compile.CompiledLayerCheckpoint): cheap, a walk over the layer's ~20 modules."""
     from quant import QuantLinear
     from quant.formats import QuantizedWeight
     from qtune.adapters.dora import DoRALinear
     from qtune.adapters.lora import LoRALinear, fusable
+    from qtune.adapters.rosa import RoSALinear
 
     for m in layer.modules():
         if m is not layer and (m._forward_hooks or m._forward_pre_hooks):
             return False
         if hasattr(m, "base_layer"):
-            kind_ok = type(m) is LoRALinear or (type(m) is DoRALinear and m.detach_norm)
+            kind_ok = (type(m) is LoRALinear or (type(m) is DoRALinear and m.detach_norm)
+                       or (type(m) is RoSALinear and m.nnz > 0))
             if not kind_ok or not isinstance(m.dropout, nn.Identity) or not fusable(m.base_layer):
                 return False
         if isinstance(m, QuantLinear) and type(m.qweight) is not QuantizedWeight:

@@ -262,7 +262,7 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> lis
              ("--optim adamw8bit", "optim", "adamw8bit"),
              ("--bits", "bits", 4),
              ("--offload disk", "offload", "disk")]
-    if cfg.method == "qdora" and cfg.gradient_checkpointing:  # the stash only exists there
+    if cfg.method == "qdora" and cfg.gradient_checkpointing and not compiles_layers(cfg, device):  # the stash only exists there
         tries.append(("--no-dora-stash", "dora_stash", False))
     for flag, field, value in tries:
         if getattr(cfg, field) == value:

@@ -52,10 +52,10 @@ def _loss_and_grads(model, ids, mask):
 
 
 @pytest.mark.parametrize("method,compute_dtype", [("qlora", "float32"), ("qlora", "bfloat16"), ("qdora", "float32"),
-                                                  ("qdora", "bfloat16")])
+                                                  ("qdora", "bfloat16"), ("qrosa", "float32"), ("qrosa", "bfloat16")])
 def test_compiled_layers_match_the_eager_fused_nodes(tiny_llama, tmp_path, method, compute_dtype, monkeypatch,
                                                      compiled):
-    """QLoRA and QDoRA, left padding: compiled checkpointed layers against the same model without
+    """QLoRA, QDoRA and QRoSA, left padding: compiled checkpointed layers against the same model without
     checkpointing (each linear one eager _LoRALinearFn / _DoRALinearFn node, no compiled layer). The
     compiled step calls no eager dequantize() and runs bitsandbytes' 4-bit decoder 7 times per layer
     forward and 7 in backward: its recomputation shares the weights with the gradient products (and
@@ -65,14 +65,23 @@ def test_compiled_layers_match_the_eager_fused_nodes(tiny_llama, tmp_path, metho
 
     import qtune.compile as qc
     from quant.formats import QuantizedWeight
+    from qtune.model import compilable_layer
 
     model = _model(tiny_llama, tmp_path, method=method, compute_dtype=compute_dtype)
     if method == "qdora":  # magnitudes away from the norms, so that m/n matters
         for m in model.modules():
             if hasattr(m, "magnitude"):
                 m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
+    if method == "qrosa":  # a fixed support with non-zero values (RoSA compiles once it is fixed)
+        from qtune.adapters.rosa import RoSALinear
+
+        for m in model.modules():
+            if isinstance(m, RoSALinear):
+                m.set_support(torch.arange(0, m.in_features * m.out_features, 7))
+                m.sparse_values.data.normal_(0, 0.1)
     layers = model.model.layers
     assert all(isinstance(layer._gradient_checkpointing_func, qc.CompiledLayerCheckpoint) for layer in layers)
+    assert all(compilable_layer(layer) for layer in layers)
     ids = torch.randint(3, model.config.vocab_size, (2, 32))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -90,7 +99,7 @@ def test_compiled_layers_match_the_eager_fused_nodes(tiny_llama, tmp_path, metho
     assert len(eager_calls) >= len(layers) * (7 + 7)  # the eager reference did run eagerly
     tol = TOL[torch.float32] if compute_dtype == "float32" else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(loss_c, loss_e, **tol)
-    assert grads_c.keys() == grads_e.keys() and len(grads_c) == (3 if method == "qdora" else 2) * 7 * len(layers)
+    assert grads_c.keys() == grads_e.keys() and len(grads_c) == (2 if method == "qlora" else 3) * 7 * len(layers)
     for name in grads_e:
         if compute_dtype == "float32":
             torch.testing.assert_close(grads_c[name], grads_e[name], **tol, msg=name)
@@ -99,20 +108,31 @@ def test_compiled_layers_match_the_eager_fused_nodes(tiny_llama, tmp_path, metho
             assert cos > 0.999, (name, float(cos))
 
 
-@pytest.mark.parametrize("kw", [dict(method="qdora", dora_detach_norm=False), dict(method="qrosa"),
-                                dict(method="qlora", dropout=0.1), dict(method="qlora", compile=False)])
+@pytest.mark.parametrize("kw", [dict(method="qdora", dora_detach_norm=False), dict(method="qlora", dropout=0.1),
+                                dict(method="qlora", compile=False)])
 def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
-    """RoSA (its SDDMM node), DoRA with the norm's gradient, dropout, and --no-compile keep
-    transformers' eager checkpoint function; the plan counts one linear's dequantized buffer for
-    them, one layer's for compiled QLoRA and QDoRA (and no down_proj stash for QDoRA)."""
+    """DoRA with the norm's gradient, dropout, and --no-compile keep transformers' eager checkpoint
+    function (so does a RoSA layer until its support is fixed, and any layer whose linears carry
+    hooks, as while RoSA selects it); the plan counts one linear's dequantized buffer for them, one
+    layer's for compiled QLoRA and QDoRA (and no down_proj stash for QDoRA)."""
     import qtune.compile as qc
     from qtune.config import TrainConfig
-    from qtune.model import compiles_layers
+    from qtune.model import compilable_layer, compiles_layers
     from qtune.plan import plan_memory
 
     model = _model(tiny_llama, tmp_path, **kw)
     assert not any(isinstance(layer._gradient_checkpointing_func, qc.CompiledLayerCheckpoint)
-                   for layer in model.model.layers)
+                   and compilable_layer(layer) for layer in model.model.layers)
+    rosa = _model(tiny_llama, tmp_path, method="qrosa")
+    layer = rosa.model.layers[0]
+    assert not compilable_layer(layer)  # no support yet
+    for m in layer.modules():
+        if hasattr(m, "set_support"):
+            m.set_support(torch.arange(0, m.in_features * m.out_features, 7))
+    assert compilable_layer(layer)
+    handle = layer.self_attn.q_proj.base_layer.register_forward_hook(lambda *a: None)
+    assert not compilable_layer(layer)
+    handle.remove()
     cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
                       gradient_checkpointing=True, **kw)
     assert not compiles_layers(cfg)

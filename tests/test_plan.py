@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from qtune.cli import main
 from qtune.config import TrainConfig
-from qtune.plan import plan_memory, quantized_linear_bytes
+from qtune.plan import plan_memory, quantized_linear_bytes, suggestions
 
 
 def test_nf4_bytes_by_hand():
@@ -40,14 +40,20 @@ def test_plan_of_a_small_config_by_hand(tiny_llama):
     assert bits16.base_weights > p.base_weights and bits16.dequant_buffers == 0
 
 
-def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama):
+def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatch):
     """DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient; with the stash
-    (default, under checkpointing) down_proj's lives from the forward on, beside the layer inputs."""
+    (default, under checkpointing, eager layers: here --no-compile) down_proj's lives from the forward
+    on, beside the layer inputs. Compiled layers (the CPU default) recompute it: no stash."""
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     b, t, c = 2, 32, 2
-    base = dict(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t)
+    monkeypatch.setenv("QTUNE_COMPILE", "1")  # as in a user's run (the suite runs eagerly)
+    compiled = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"))
+    assert compiled.layer_inputs == L * b * t * h * c
+    assert not any("dora" in t for t in suggestions(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b,
+                                                                seq_len=t, method="qdora"), 2**40))
+    base = dict(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, compile=False)
     lora = plan_memory(TrainConfig(**base))
     on = plan_memory(TrainConfig(**base, method="qdora"))
     off = plan_memory(TrainConfig(**base, method="qdora", dora_stash=False))
@@ -56,7 +62,6 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama):
     assert off.activations - lora.activations == b * t * c * outs
     assert on.layer_inputs == 2 * off.layer_inputs
     assert on.activations - lora.activations == L * b * t * h * c + b * t * c * (outs - h)
-    from qtune.plan import suggestions
     tips = suggestions(TrainConfig(**base, method="qdora"), 2**40)
     assert any(t.startswith("--no-dora-stash: ") for t in tips)
     assert not any("dora" in t for t in suggestions(TrainConfig(**base), 2**40))

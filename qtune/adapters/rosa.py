@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant import QuantLinear
 from qtune.adapters.lora import fusable, lora_forward
 from qtune.recompute import can_skip
 
@@ -127,6 +128,72 @@ class _FoldedSparse:
         return _sampled_grad(self.crow, self.cols, _tokens_last(g, g.shape[-1]), x)
 
 
+# --- RoSA in a compiled decoder layer (qtune.compile) ---------------------------------------------
+# x·(W + S)ᵀ as a custom operator with its own backward (dL/dx = g·(W + S), dL/dvalues by the SDDMM):
+# torch.compile keeps it whole in the layer's graph, where autograd of the plain ops would form
+# dL/dW + S densely (a full weight-gradient GEMM per linear) to read nnz of its entries.
+
+def _fold(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    out = w.clone()
+    flat = out.view(-1)
+    flat.index_put_((indices,), (flat[indices].float() + values.float()).to(w.dtype))
+    return out
+
+
+@torch.library.custom_op("qtune::rosa_base_linear", mutates_args=())
+def rosa_base_linear(x: torch.Tensor, w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                     crow: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """x·(W + S)ᵀ for a dense (out, in) W in x's dtype and S = values at the flat row-major indices
+    (crow, cols: the same support as CSR, for the backward's SDDMM)."""
+    return F.linear(x, _fold(w, values, indices))
+
+
+@rosa_base_linear.register_fake
+def _(x, w, values, indices, crow, cols):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("qtune::rosa_base_linear_backward", mutates_args=())
+def rosa_base_linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, values: torch.Tensor,
+                              indices: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dvalues) of rosa_base_linear: g·(W + S), and the SDDMM of g and x at S's support."""
+    g2 = g.reshape(-1, g.shape[-1])
+    grad_x = (g2 @ _fold(w, values, indices)).view(x.shape)
+    return grad_x, _sampled_grad(crow, cols, _tokens_last(g2, g2.shape[-1]), x.reshape(-1, x.shape[-1]))
+
+
+@rosa_base_linear_backward.register_fake
+def _(g, x, w, values, indices, crow, cols):
+    return torch.empty_like(x), values.new_empty(values.shape, dtype=torch.float32)
+
+
+def _rosa_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _rosa_backward(ctx, g):
+    x, w, values, indices, crow, cols = ctx.saved_tensors
+    grad_x, grad_values = rosa_base_linear_backward(g, x, w, values, indices, crow, cols)
+    return grad_x, None, grad_values, None, None, None
+
+
+rosa_base_linear.register_autograd(_rosa_backward, setup_context=_rosa_setup)
+
+
+def rosa_traced(layer: "RoSALinear", x: torch.Tensor) -> torch.Tensor:
+    """RoSA without dropout as traceable ops for a compiled decoder layer: the base with S folded in
+    (rosa_base_linear), plus the LoRA term accumulated into its output in one addmm, as the eager node."""
+    base, dtype = layer.base_layer, x.dtype
+    w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
+    y = rosa_base_linear(x, w, layer.sparse_values, layer.sparse_indices, layer.csr_crow, layer.csr_cols)
+    if base.bias is not None:
+        y = y + base.bias.to(dtype)
+    h = F.linear(x, layer.lora_A.to(dtype))
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
+    return out.view(y.shape)
+
+
 class RoSALinear(nn.Module):
     """The frozen base linear (QuantLinear or nn.Linear) plus a low-rank and a sparse update:
 
@@ -183,6 +250,9 @@ class RoSALinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and self.nnz and isinstance(self.dropout, nn.Identity) \
+                and fusable(self.base_layer):  # a compiled decoder layer (qtune.compile)
+            return rosa_traced(self, x)
         skip = can_skip(self)  # only saved tensors matter (qtune.recompute)
         if self.nnz and fusable(self.base_layer):  # one node: x·(W + S)ᵀ + s·BA x (see _FoldedSparse)
             return lora_forward(self, x, skip, sparse=(self.sparse_values, _FoldedSparse(self)))
