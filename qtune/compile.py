@@ -91,8 +91,22 @@ _layers_failed = False
 _compiled_checkpoint = None
 
 
+# operators whose outputs a compiled layer's checkpoint keeps from the forward instead of recomputing
+# them (small outputs that are costly to redo): DoRA's row norms, an (out,) vector per linear
+SAVED_OPS: set = set()
+
+
+def _policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def _checkpoint(function, *args):
-    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
 
 
 class CompiledLayerCheckpoint:
@@ -118,6 +132,9 @@ class CompiledLayerCheckpoint:
         if _layers_failed or not enabled() or layer is None or not self.eligible(layer):
             return self.eager(function, *args)
         if _compiled_checkpoint is None:
+            import qtune.adapters.dora  # noqa: F401  (registers its operators)
+
+            SAVED_OPS.add(torch.ops.qtune.dora_row_norms.default)
             _cache_dir()
             _compiled_checkpoint = torch.compile(_checkpoint)
         try:

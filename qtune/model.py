@@ -66,7 +66,10 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if device == "cpu":  # whole layers as compiled graphs where their adapters allow (qtune.compile)
-            qcompile.compile_decoder_layers(decoder_layers(model), compilable_layer)
+            if qcompile.compile_decoder_layers(decoder_layers(model), compilable_layer):
+                for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled layers, computed once
+                    if hasattr(m, "prepare_row_sq"):
+                        m.prepare_row_sq(dtype)
     return model, tokenizer, model_dir, report
 
 

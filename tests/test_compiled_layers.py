@@ -94,6 +94,9 @@ def test_compiled_layers_match_the_eager_fused_nodes(tiny_llama, tmp_path, metho
     decoded = sum(e.count for e in prof.key_averages() if e.key == "bitsandbytes::dequantize_4bit")
     assert not qc._layers_failed and eager_calls == []
     assert decoded == len(layers) * (7 + 7)
+    if method == "qdora":  # the checkpoint keeps the forward's row norms: not recomputed
+        norms = sum(e.count for e in prof.key_averages() if e.key == "qtune::dora_row_norms")
+        assert norms == len(layers) * 7
     model.gradient_checkpointing_disable()
     loss_e, grads_e = _loss_and_grads(model, ids, mask)
     assert len(eager_calls) >= len(layers) * (7 + 7)  # the eager reference did run eagerly

@@ -219,7 +219,22 @@ class _DoRALinearFn(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
-def dora_traced(layer: "DoRALinear", x: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("qtune::dora_row_norms", mutates_args=())
+def dora_row_norms(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, w_sq: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """n = ‖W + s·BA‖_row (fp32, (out,)) from the dequantized W, without gradient (DoRA §4.3). One
+    operator, so that a compiled layer's checkpoint keeps its output from the forward (an (out,)
+    vector; qtune.compile.SAVED_OPS) instead of recomputing A·Wᵀ and the norms."""
+    with torch.no_grad():
+        return _row_norms(w_sq, lora_A, lora_B, F.linear(lora_A.to(w.dtype), w), scale)
+
+
+@dora_row_norms.register_fake
+def _(w, lora_A, lora_B, w_sq, scale):
+    return w_sq.new_empty(w.shape[0], dtype=torch.float32)
+
+
+def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA with the norm detached and no dropout as plain differentiable ops, for a compiled decoder
     layer (qtune.compile.compile_decoder_layers; the compiler derives the backward):
         u = x·D(W)ᵀ + s·(x Aᵀ)Bᵀ (one addmm accumulating the adapter into the base GEMM's output),
@@ -227,13 +242,15 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor) -> torch.Tensor:
     c multiplies u in fp32 (one fused pass when compiled): c rounded to bf16 would snap to 1 early in
     training. ‖W‖² and A·Wᵀ come from the forward's dequantized W, so the forward and the compiled
     recomputation each compute n (a product of r rows: r/tokens of the base GEMM), where the eager
-    node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph."""
+    node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
+    w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here."""
     base, dtype = layer.base_layer, x.dtype
     w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
     a = layer.lora_A.to(dtype)
     with torch.no_grad():
-        w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
-        n = _row_norms(w_sq, layer.lora_A, layer.lora_B, F.linear(a, w), layer.scale)
+        if w_sq is None:
+            w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
     u = F.linear(x, w)
     h = F.linear(x, a)
     u = torch.addmm(u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
@@ -298,6 +315,11 @@ class DoRALinear(nn.Module):
                 self._row_sq_key = (x.device, x.dtype)
         return self._row_sq
 
+    def prepare_row_sq(self, dtype: torch.dtype) -> None:
+        """Compute ‖W‖²_row for activations of `dtype` now (what the first forward would), so that a
+        compiled layer reads it as an input instead of reducing W in every forward and recomputation."""
+        self._frozen_row_sq(torch.empty(0, dtype=dtype, device=self.lora_A.device))
+
     def _norms_key(self, x: torch.Tensor, w_sq: torch.Tensor) -> tuple:
         """What c and n depend on. Only a recomputation reuses them, right after the forward it repeats,
         or a forward inside parameters_fixed() (whose entry and exit change the key), so an update that
@@ -320,7 +342,8 @@ class DoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.detach_norm and isinstance(self.dropout, nn.Identity) \
                 and fusable(self.base_layer):  # a compiled decoder layer (qtune.compile)
-            return dora_traced(self, x)
+            known = self._row_sq is not None and self._row_sq_key == (x.device, x.dtype)
+            return dora_traced(self, x, self._row_sq if known else None)
         x_drop = self.dropout(x)  # identity in eval or with dropout 0
         two_inputs = x_drop is not x
         if self.detach_norm and not two_inputs and fusable(self.base_layer):  # the default: one node
