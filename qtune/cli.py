@@ -107,7 +107,7 @@ TRAIN_OPTIONS = [
     _opt("--offload-activations/--no-offload-activations", default=None,
          help="CUDA: checkpointed activations in pinned host memory (no-op on CPU)."),
     _opt("--max-memory", type=float, help="GiB the run may use; the plan must fit before loading (0 = device)."),
-    _opt("--compile/--no-compile", default=None, help="torch.compile the fused elementwise kernels and, on the CPU, whole QLoRA/QDoRA decoder layers (default on)."),
+    _opt("--compile/--no-compile", default=None, help="torch.compile the fused elementwise kernels and, on the CPU, whole decoder layers of QLoRA, QPiSSA, QDoRA and QRoSA runs (default on)."),
     _opt("--skip-bad-rows/--no-skip-bad-rows", default=None, help="Skip malformed dataset lines (and count them)."),
     _opt("--output", help="Run folder (default runs/qtune)."),
     _opt("--trust-remote-code/--no-trust-remote-code", default=None, help="Allow a hub model's own code (off)."),

@@ -240,9 +240,9 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
         u = x·D(W)ᵀ + s·(x Aᵀ)Bᵀ (one addmm accumulating the adapter into the base GEMM's output),
         y = c ⊙ u + b,  c = m/n,  n = ‖W + s·BA‖_row from _row_norms, without gradient (§4.3).
     c multiplies u in fp32 (one fused pass when compiled): c rounded to bf16 would snap to 1 early in
-    training. ‖W‖² and A·Wᵀ come from the forward's dequantized W, so the forward and the compiled
-    recomputation each compute n (a product of r rows: r/tokens of the base GEMM), where the eager
-    node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
+    training. A·Wᵀ comes from the forward's dequantized W; n is one operator (dora_row_norms) whose
+    output the compiled checkpoint keeps from the forward, so the recomputation does not redo it, as
+    the eager node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
     w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here."""
     base, dtype = layer.base_layer, x.dtype
     w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
