@@ -92,7 +92,8 @@ _compiled_checkpoint = None
 
 
 # operators whose outputs a compiled layer's checkpoint keeps from the forward instead of recomputing
-# them (small outputs that are costly to redo): DoRA's row norms, an (out,) vector per linear
+# them (small outputs that are costly to redo), added where they are defined: DoRA's row norms, an
+# (out,) vector per linear (qtune.adapters.dora)
 SAVED_OPS: set = set()
 
 
@@ -132,9 +133,6 @@ class CompiledLayerCheckpoint:
         if _layers_failed or not enabled() or layer is None or not self.eligible(layer):
             return self.eager(function, *args)
         if _compiled_checkpoint is None:
-            import qtune.adapters.dora  # noqa: F401  (registers its operators)
-
-            SAVED_OPS.add(torch.ops.qtune.dora_row_norms.default)
             _cache_dir()
             _compiled_checkpoint = torch.compile(_checkpoint)
         try:

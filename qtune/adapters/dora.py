@@ -25,8 +25,8 @@ from torch import nn
 
 from quant import QuantLinear
 from quant.formats import can_scale_rows
-from qtune.adapters.lora import _base_weight, fusable
-from qtune.compile import maybe_compile
+from qtune.adapters.lora import _base_weight, add_lora_traced, fusable, traced_base_weight
+from qtune.compile import SAVED_OPS, maybe_compile
 from qtune.memory import probe
 from qtune.recompute import recomputing
 
@@ -234,6 +234,9 @@ def _(w, lora_A, lora_B, w_sq, scale):
     return w_sq.new_empty(w.shape[0], dtype=torch.float32)
 
 
+SAVED_OPS.add(torch.ops.qtune.dora_row_norms.default)  # kept from the forward by a compiled layer's checkpoint
+
+
 def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA with the norm detached and no dropout as plain differentiable ops, for a compiled decoder
     layer (qtune.compile.compile_decoder_layers; the compiler derives the backward):
@@ -245,16 +248,13 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
     the eager node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
     w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here."""
     base, dtype = layer.base_layer, x.dtype
-    w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
-    a = layer.lora_A.to(dtype)
+    w = traced_base_weight(base, dtype)
     with torch.no_grad():
         if w_sq is None:
             w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
     n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
-    u = F.linear(x, w)
-    h = F.linear(x, a)
-    u = torch.addmm(u.reshape(-1, u.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
-    y = (u.float() * (layer.magnitude / n)).to(dtype).view(*x.shape[:-1], -1)
+    u = add_lora_traced(F.linear(x, w), F.linear(x, layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
+    y = (u.float() * (layer.magnitude / n)).to(dtype)
     bias = base.bias
     return y if bias is None else y + bias.to(dtype)
 

@@ -101,6 +101,19 @@ def fusable(base: nn.Module) -> bool:
             and not any(p.requires_grad for p in base.parameters()))
 
 
+def traced_base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The fused node's frozen base weight (out, in) in `dtype`, traceable: a QuantLinear's through
+    bitsandbytes' registered operators (QuantizedWeight.dequantize_traced), an nn.Linear's cast."""
+    return base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
+
+
+def add_lora_traced(y: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + h·(s·B)ᵀ in one addmm (the adapter accumulated into the base GEMM's output, as the eager
+    fused nodes do), y (..., out), h (..., r); traceable."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (lora_B * scale).to(y.dtype).t())
+    return out.view(y.shape)
+
+
 def lora_traced(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused node's forward as plain differentiable ops, for a compiled decoder layer
     (qtune.compile.compile_decoder_layers): torch.compile traces it into the layer's graph and
@@ -108,16 +121,10 @@ def lora_traced(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     reads (down_proj's base GEMM: qtune.recompute's skip, found by the compiler). Same products
     and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm."""
     base, dtype = layer.base_layer, x.dtype
-    if isinstance(base, QuantLinear):
-        w = base.qweight.dequantize_traced(dtype)
-    elif isinstance(base, nn.Linear):
-        w = base.weight.to(dtype)
-    else:
+    if not isinstance(base, (QuantLinear, nn.Linear)):
         return base(x) + layer.scale * F.linear(F.linear(layer.dropout(x), layer.lora_A.to(dtype)), layer.lora_B.to(dtype))
-    y = F.linear(x, w, None if base.bias is None else base.bias.to(dtype))
-    h = F.linear(layer.dropout(x), layer.lora_A.to(dtype))                       # (..., r)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
-    return out.view(y.shape)
+    y = F.linear(x, traced_base_weight(base, dtype), None if base.bias is None else base.bias.to(dtype))
+    return add_lora_traced(y, F.linear(layer.dropout(x), layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
 
 
 def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool, sparse: tuple | None = None) -> torch.Tensor:

@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import QuantLinear
-from qtune.adapters.lora import fusable, lora_forward
+from qtune.adapters.lora import add_lora_traced, fusable, lora_forward, traced_base_weight
 from qtune.recompute import can_skip
 
 
@@ -104,6 +103,14 @@ def _sampled_grad(crow: torch.Tensor, cols: torch.Tensor, g_t: torch.Tensor, x: 
     return torch.sparse.sampled_addmm(pattern, g_t, _tokens_last(x, in_f).T, beta=0.0).values()
 
 
+def _fold_(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """w (out, in) += S in place, S = values at the flat row-major indices, each sum formed in fp32
+    and rounded once to w's dtype; returns w."""
+    flat = w.view(-1)
+    flat.index_put_((indices,), (flat[indices].float() + values.float()).to(w.dtype))
+    return w
+
+
 class _FoldedSparse:
     """RoSA's x·Sᵀ inside the fused LoRA node (qtune.adapters.lora): S's values are added into the
     dense (out, in) weight that the base's dequantization forms for its GEMM anyway, so
@@ -119,9 +126,7 @@ class _FoldedSparse:
 
     def fold_(self, w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """w (out, in) += S in place (w must be a fresh tensor); returns w."""
-        flat = w.view(-1)
-        flat.index_put_((self.indices,), (flat[self.indices].float() + values.float()).to(w.dtype))
-        return w
+        return _fold_(w, values, self.indices)
 
     def values_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """dL/dvalues (nnz,) fp32 from g = dL/dy (tokens, out) and the layer's input x (tokens, in)."""
@@ -134,10 +139,8 @@ class _FoldedSparse:
 # dL/dW + S densely (a full weight-gradient GEMM per linear) to read nnz of its entries.
 
 def _fold(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    out = w.clone()
-    flat = out.view(-1)
-    flat.index_put_((indices,), (flat[indices].float() + values.float()).to(w.dtype))
-    return out
+    """W + S, a new tensor (an operator may not write its input)."""
+    return _fold_(w.clone(), values, indices)
 
 
 @torch.library.custom_op("qtune::rosa_base_linear", mutates_args=())
@@ -185,13 +188,11 @@ def rosa_traced(layer: "RoSALinear", x: torch.Tensor) -> torch.Tensor:
     """RoSA without dropout as traceable ops for a compiled decoder layer: the base with S folded in
     (rosa_base_linear), plus the LoRA term accumulated into its output in one addmm, as the eager node."""
     base, dtype = layer.base_layer, x.dtype
-    w = base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
-    y = rosa_base_linear(x, w, layer.sparse_values, layer.sparse_indices, layer.csr_crow, layer.csr_cols)
+    y = rosa_base_linear(x, traced_base_weight(base, dtype), layer.sparse_values, layer.sparse_indices,
+                         layer.csr_crow, layer.csr_cols)
     if base.bias is not None:
         y = y + base.bias.to(dtype)
-    h = F.linear(x, layer.lora_A.to(dtype))
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
-    return out.view(y.shape)
+    return add_lora_traced(y, F.linear(x, layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
 
 
 class RoSALinear(nn.Module):
