@@ -90,6 +90,20 @@ def test_matches_naive_reference_forward_and_grads(kind, dtype):
         torch.testing.assert_close(g.float(), w, atol=atol, rtol=tol["rtol"], msg=lambda s: f"grad of {name}: {s}")
 
 
+@pytest.mark.parametrize("kind, dtype", [("quant", torch.float32), ("dense", torch.float32),
+                                         ("quant", torch.bfloat16)])
+def test_matches_naive_reference_with_the_compiled_layouts(kind, dtype, compiled):
+    """The same check with compiling on, as in a user's run: the eager node's SDDMM layouts come from
+    the compiled transpose-cast, which equals eager .T.contiguous().float() bit for bit."""
+    from qtune.adapters.rosa import _tokens_last
+
+    for t in (torch.randn(3, 5, IN).to(dtype), torch.randn(2, 7, OUT).to(dtype)):
+        want = t.reshape(-1, t.shape[-1]).T.contiguous().float()
+        got = _tokens_last(t, t.shape[-1])
+        assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, want)
+    test_matches_naive_reference_forward_and_grads(kind, dtype)
+
+
 def test_parameters_and_buffers_scale_with_nnz():
     def nbytes(layer):
         tensors = list(layer.named_parameters()) + list(layer.named_buffers())

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.adapters.lora import add_lora_traced, fusable, lora_forward, traced_base_weight
+from qtune.compile import maybe_compile
 from qtune.recompute import can_skip
 
 
@@ -58,9 +59,16 @@ with warnings.catch_warnings():
 
 
 def _tokens_last(t: torch.Tensor, features: int) -> torch.Tensor:
-    """(..., features) -> (features, tokens) fp32 contiguous: the layout MKL's CSR kernels take without
-    a copy (a strided operand costs 2-10x). Transposed in the input dtype, then cast: the cheaper order."""
-    return t.reshape(-1, features).T.contiguous().float()
+    """(..., features) -> (features, tokens) fp32 contiguous: the layout MKL's CSR kernels and the
+    SDDMM take without a copy (a strided operand costs 2-10x). One compiled, tiled transpose-cast
+    (_transpose_cast) where compiling is on: 0.26 ms for a (1024, 1536) bf16 g, against 1.5 ms for
+    eager .T.contiguous().float() (transposed in the input dtype, then cast: eager's cheaper order)."""
+    return _transpose_cast(t.reshape(-1, features))
+
+
+@maybe_compile
+def _transpose_cast(t: torch.Tensor) -> torch.Tensor:
+    return t.T.contiguous().float()
 
 
 class _SparseLinearFn(torch.autograd.Function):
