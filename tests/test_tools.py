@@ -41,3 +41,28 @@ def test_thread_profile_report_states_the_workers_wait_share():
     assert "| main | 80 |" in text and "| worker 102 | 40 |" in text
     assert "waited for work 75%" in text  # 3 of the worker's 4 samples are in libgomp
     assert "1.50 s of the median step" in text
+
+
+def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
+    """mm (with and without out=, as inductor calls it), addmm and bmm, as the profiler records their
+    input shapes: the FLOPs are 2·b·m·k·n of the two multiplied operands, whatever else is recorded."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import profile_step
+
+    a, b, bias, out = torch.randn(64, 32), torch.randn(32, 16), torch.randn(16), torch.empty(64, 16)
+    ba, bb = torch.randn(3, 8, 5), torch.randn(3, 5, 7)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.mm(a, b)
+        torch.mm(a, b, out=out)
+        torch.addmm(bias, a, b)
+        torch.bmm(ba, bb)
+    got = sorted((e.key, profile_step.mm_flops(e.key, [list(s) for s in e.input_shapes]))
+                 for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    assert got == [("aten::addmm", 2 * 64 * 32 * 16), ("aten::bmm", 2 * 3 * 8 * 5 * 7),
+                   ("aten::mm", 2 * 64 * 32 * 16), ("aten::mm", 2 * 64 * 32 * 16)]
+    assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 49152]], 16, 49152) == "head (loss chunks)"
+    assert profile_step.gemm_kind("aten::addmm", [[1536], [1024, 16], [16, 1536]], 16, 49152) == "adapters (rank 16)"
+    assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 1536], [1024, 1536]], 16, 49152) == "base linears"
+    assert profile_step.gemm_kind("aten::bmm", [[9, 256, 64], [9, 64, 256]], 16, 49152) == "attention (batched)"

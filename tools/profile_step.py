@@ -11,7 +11,11 @@ aten/custom op is summed over the profiled steps and grouped:
     dequantize    bitsandbytes' dequantize ops (NF4 codes -> bf16 weights)
     elementwise   everything else (norms, RoPE, SiLU, casts, copies, adds, optimizer math, ...)
 and, beside them, the wall time the profiler saw and the GEMM rate this machine reaches on one large
-product, so `gemm` time × rate gives how far from the limit the GEMMs themselves run.
+product, so `gemm` time × rate gives how far from the limit the GEMMs themselves run. The GEMMs are
+then split by their input shapes (`gemm_kind`): the frozen base's products (forward, recomputation,
+input gradient), the rank-r adapter products, the head's chunks and the attention's batched products,
+each with its FLOPs, its time and the rate it ran at, beside the time the 2048³ rate would take:
+what is left between the step's GEMMs and the limit, product by product.
 """
 
 from __future__ import annotations
@@ -29,6 +33,37 @@ import bench_peft as bp  # noqa: E402  (the benchmark's setting, data and step)
 GROUPS = (("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm", "aten::baddbmm")),
           ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
           ("dequantize", ("bitsandbytes::", "dequantize")))
+
+
+def gemm_operands(name: str, shapes: list) -> tuple[list, list] | None:
+    """The two multiplied operands' shapes of a GEMM call, by position (mm(a, b[, out]),
+    addmm(c, a, b, ...), bmm(a, b[, out])), or None if the call is no GEMM the profiler recorded."""
+    pos = 1 if name in ("aten::addmm", "aten::baddbmm") else 0
+    if len(shapes) < pos + 2 or not all(isinstance(s, list) and len(s) >= 2 for s in shapes[pos:pos + 2]):
+        return None
+    return shapes[pos], shapes[pos + 1]
+
+
+def mm_flops(name: str, shapes: list) -> float:
+    """FLOPs of one GEMM call from the profiler's recorded input shapes (0 if they are not a GEMM's)."""
+    ops = gemm_operands(name, shapes)
+    if ops is None:
+        return 0.0
+    a, b = ops
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def gemm_kind(name: str, shapes: list, rank: int, vocab: int) -> str:
+    """Which product of the step a GEMM call is, from its operands' shapes."""
+    dims = [d for sh in gemm_operands(name, shapes) for d in sh]
+    if name in ("aten::bmm", "aten::baddbmm"):
+        return "attention (batched)"
+    if vocab in dims:
+        return "head (loss chunks)"
+    if rank in dims:
+        return f"adapters (rank {rank})"
+    return "base linears"
 
 
 def group_of(name: str) -> str:
@@ -127,7 +162,7 @@ def main() -> None:
         return
     qmem.heap_in_use_bytes = real_heap
     walls = []
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for s in range(args.warmup, args.warmup + args.steps):
             t0 = time.perf_counter()
             run(s)
@@ -160,10 +195,39 @@ def main() -> None:
               f"Top {args.top} ops by self CPU time:", "", "| op | calls/step | self s/step | group |", "|---|---|---|---|"]
     for self_s, key, count in rows[:args.top]:
         lines.append(f"| `{key}` | {count / n:.0f} | {self_s / n:.4f} | {group_of(key)} |")
+    lines += gemm_table(prof, n, cfg["vocab_size"], rate["gflops"])
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+
+
+def gemm_table(prof, n: int, vocab: int, big_rate: float) -> list[str]:
+    """The step's GEMMs grouped by kind (gemm_kind): calls, GFLOP, seconds and rate per step, and the
+    time the same calls would take at the 2048³ rate."""
+    kinds: dict[str, dict] = defaultdict(lambda: {"calls": 0, "flops": 0.0, "s": 0.0})
+    for e in prof.key_averages(group_by_input_shape=True):
+        if group_of(e.key) != "gemm":
+            continue
+        shapes = [list(sh) for sh in e.input_shapes]
+        flops = mm_flops(e.key, shapes)
+        if not flops:
+            continue
+        k = kinds[gemm_kind(e.key, shapes, bp.RANK, vocab)]
+        k["calls"] += e.count / n
+        k["flops"] += flops * e.count / n
+        k["s"] += e.self_cpu_time_total / 1e6 / n
+    lines = ["", "GEMMs by kind (from the recorded input shapes), per step:", "",
+             "| kind | calls | GFLOP | s | GFLOP/s in the step | s at the 2048³ rate |", "|---|---|---|---|---|---|"]
+    total = {"calls": 0.0, "flops": 0.0, "s": 0.0}
+    for kind, k in sorted(kinds.items(), key=lambda kv: -kv[1]["s"]):
+        lines.append(f"| {kind} | {k['calls']:.0f} | {k['flops'] / 1e9:.0f} | {k['s']:.3f} | "
+                     f"{k['flops'] / 1e9 / max(k['s'], 1e-9):.0f} | {k['flops'] / 1e9 / big_rate:.3f} |")
+        for key in total:
+            total[key] += k[key]
+    lines.append(f"| all | {total['calls']:.0f} | {total['flops'] / 1e9:.0f} | {total['s']:.3f} | "
+                 f"{total['flops'] / 1e9 / max(total['s'], 1e-9):.0f} | {total['flops'] / 1e9 / big_rate:.3f} |")
+    return lines
 
 
 if __name__ == "__main__":
