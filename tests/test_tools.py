@@ -66,3 +66,18 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
     assert profile_step.gemm_kind("aten::addmm", [[1536], [1024, 16], [16, 1536]], 16, 49152) == "adapters (rank 16)"
     assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 1536], [1024, 1536]], 16, 49152) == "base linears"
     assert profile_step.gemm_kind("aten::bmm", [[9, 256, 64], [9, 64, 256]], 16, 49152) == "attention (batched)"
+
+
+def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_path):
+    import json
+
+    import bench_methods
+
+    xs = [1.0 + 0.01 * k for k in range(101)]  # median 1.5
+    lo, hi = bench_methods.median_interval(xs)
+    assert 1.35 < lo < 1.5 < hi < 1.65
+    assert bench_methods.median_interval([1.2] * 9) == (1.2, 1.2)
+    for name, ratios in (("a.json", [1.0, 1.1, 1.2]), ("b.json", [1.3, 1.4])):
+        (tmp_path / name).write_text(json.dumps({"rounds": [{"qrosa": {"pair_ratios": ratios}}]}))
+    text = bench_methods.pool([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert "qrosa: median 1.200x over 5 step pairs" in text

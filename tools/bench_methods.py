@@ -3,6 +3,7 @@
     python tools/bench_methods.py                      # qdora,qrosa; 3 rounds of 20 timed steps
     python tools/bench_methods.py --methods qdora --repeats 5
     python tools/bench_methods.py --sequential         # the older mode: one run after the other
+    python tools/bench_methods.py --pool tools/results/bench_methods_a.json tools/results/bench_methods_b.json
 
 The speed issue's goals for these two are relative to our QLoRA (QDoRA <= 1.15x its step time, QRoSA
 at density 1% <= 1.3x). On this shared machine a step's time drifts by 2x within minutes, so two
@@ -11,6 +12,10 @@ starts a QLoRA worker and the method's worker side by side and steps them in loc
 one, then step k of the other (the order swapped every step, ABBA), each waiting while the other
 runs, the wait untimed. Each step pair sees the same machine, and the ratio is the median over all
 pairs of all rounds of (the method's step k) / (QLoRA's step k); per round medians are shown too.
+
+How firm a median is: the per-round medians, the pairs' middle half, and a bootstrap 95% interval of
+the median over the pairs (seeded; pairs of one round share its machine, so this interval is the
+narrow end of the truth). --pool reports the pairs of several result files as one sample.
 
 Same setting, data and worker as tools/bench_peft.py (its --worker qtune METHOD processes: one run per
 process, the step body of qtune.train, 2 warm-up + 20 timed steps by default). Writes
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import statistics
 import sys
@@ -72,6 +78,30 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[
             ack.close()
 
 
+def median_interval(xs: list[float], level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap `level` interval of the median of xs (percentile method, seeded)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return meds[int((1 - level) / 2 * resamples)], meds[int((1 + level) / 2 * resamples) - 1]
+
+
+def pool(paths: list[str]) -> str:
+    """One line per method: the median, interval and count of the step-pair ratios of all the files."""
+    pairs: dict[str, list[float]] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["rounds"]:
+            for m, r in row.items():
+                pairs.setdefault(m, []).extend(r.get("pair_ratios", []))
+    lines = [f"pooled over {len(paths)} files:"]
+    for m, xs in pairs.items():
+        if xs:
+            lo, hi = median_interval(xs)
+            goal = GOALS.get(m)
+            lines.append(f"  {m}: median {statistics.median(xs):.3f}x over {len(xs)} step pairs, bootstrap 95% of the "
+                         f"median {lo:.3f}-{hi:.3f}" + (f" (goal <= {goal}x)" if goal else ""))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="qdora,qrosa")
@@ -85,7 +115,11 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true",
                     help="one run after the other (QLoRA, then the method) instead of the two in lockstep")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench_methods{TAG}.md/.json)")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", help="no run: pool the step pairs of these result files")
     args = ap.parse_args()
+    if args.pool:
+        print(pool(args.pool))
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in bp.METHODS or m == "qlora"]
     if bad or args.repeats < 1 or args.steps < 1:
@@ -129,6 +163,7 @@ def main() -> None:
         if pairs:  # the round medians' spread, and the pairs' middle half, say how firm the median is
             q = statistics.quantiles(pairs, n=4)
             summary[m]["pair_quartiles"] = [q[0], q[2]]
+            summary[m]["median_interval"] = list(median_interval(pairs))
             summary[m]["round_pair_medians"] = [statistics.median(r[m]["pair_ratios"]) for r in rounds]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +178,9 @@ def main() -> None:
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {bp.SEQ_LEN} × batch {bp.BATCH}, r={bp.RANK}, "
              f"checkpointing, bf16, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
-             "| method | s/step | QLoRA s/step | step ratio, median | per round | middle half of the pairs | held-out after (QLoRA) | goal |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | s/step | QLoRA s/step | step ratio, median | bootstrap 95% of the median | per round | "
+             "middle half of the pairs | held-out after (QLoRA) | goal |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         goal = s["goal"]
         verdict = "" if goal is None else f"≤ {goal}× {'PASS' if s['ratio'] <= goal else 'FAIL'}"
@@ -152,7 +188,8 @@ def main() -> None:
         spread = f"{s['pair_quartiles'][0]:.3f}–{s['pair_quartiles'][1]:.3f} ({s['pairs']} pairs)" if s["pairs"] else "–"
         held = statistics.median(r[m]["heldout_after"] for r in rounds)
         held_q = statistics.median(r[m]["qlora_heldout_after"] for r in rounds)
-        lines.append(f"| {m} | {s['s']:.3f} | {s['qlora_s']:.3f} | {s['ratio']:.3f}× | "
+        interval = "–" if "median_interval" not in s else f"{s['median_interval'][0]:.3f}–{s['median_interval'][1]:.3f}"
+        lines.append(f"| {m} | {s['s']:.3f} | {s['qlora_s']:.3f} | {s['ratio']:.3f}× | {interval} | "
                      f"{', '.join(f'{r:.3f}' for r in per_round)} | {spread} | {held:.4f} ({held_q:.4f}) | {verdict} |")
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
