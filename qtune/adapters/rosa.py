@@ -106,9 +106,15 @@ def _sampled_grad(crow: torch.Tensor, cols: torch.Tensor, g_t: torch.Tensor, x: 
     _tokens_last gives it (out, tokens) and x (..., in): torch.sparse.sampled_addmm on S's CSR pattern
     (1.4 ms for a (1536, 576) weight at 1% and 1024 tokens, layout copies included; a dense grad_yᵀx
     then gathered: 2.1 ms in bf16)."""
-    out_f, in_f = crow.numel() - 1, x.shape[-1]
-    pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=torch.float32, device=cols.device), (out_f, in_f))
-    return torch.sparse.sampled_addmm(pattern, g_t, _tokens_last(x, in_f).T, beta=0.0).values()
+    return _sddmm(crow, cols, g_t, _tokens_last(x, x.shape[-1]))
+
+
+def _sddmm(crow: torch.Tensor, cols: torch.Tensor, g_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Σ_t g[t, row_k]·x[t, col_k] (nnz,) fp32 at S's CSR support, for g_t (out, tokens) and x_t
+    (in, tokens) fp32 contiguous: the layout torch's CPU kernel reads without copies."""
+    pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=torch.float32, device=cols.device),
+                   (g_t.shape[0], x_t.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, g_t, x_t.T, beta=0.0).values()
 
 
 def _fold_(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -174,11 +180,8 @@ def _(x, w_s, values, crow, cols):
 
 @torch.library.custom_op("qtune::rosa_sddmm", mutates_args=())
 def rosa_sddmm(crow: torch.Tensor, cols: torch.Tensor, g_t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """dL/dvalues (nnz,) fp32 = Σ_t g[t, row_k]·x[t, col_k] for g_t (out, tokens) and x_t (in, tokens),
-    both fp32 and contiguous (the layout torch's CPU kernel reads without copies)."""
-    pattern = _csr(crow, cols, torch.zeros(cols.numel(), dtype=torch.float32, device=cols.device),
-                   (g_t.shape[0], x_t.shape[0]))
-    return torch.sparse.sampled_addmm(pattern, g_t, x_t.T, beta=0.0).values()
+    """dL/dvalues of rosa_linear (_sddmm) as one operator: a compiled graph cannot trace sparse CSR tensors."""
+    return _sddmm(crow, cols, g_t, x_t)
 
 
 @rosa_sddmm.register_fake
