@@ -196,9 +196,10 @@ def _rosa_setup(ctx, inputs, output):
 
 def _rosa_backward(ctx, g):
     x, w_s, crow, cols = ctx.saved_tensors
-    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(-1, g.shape[-1])
     grad_x = (g2 @ w_s).view(x.shape)
-    grad_values = rosa_sddmm(crow, cols, g2.t().float().contiguous(), x2.t().float().contiguous())
+    # traced into the compiled backward (maybe_compile defers to the enclosing graph): inductor's tiled passes
+    grad_values = rosa_sddmm(crow, cols, _tokens_last(g2, g2.shape[-1]), _tokens_last(x, x.shape[-1]))
     return grad_x, None, grad_values, None, None
 
 
