@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
+from qtune.adapters.lora import group_forward
 from qtune.compile import maybe_compile
 
 NAME = "qtune_eager"
@@ -105,12 +106,14 @@ def _rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 def _attention_forward(module, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                        **kwargs):
-    """transformers' LlamaAttention.forward with the rotary embedding as one fused kernel (_rotary_qk)."""
+    """transformers' LlamaAttention.forward with the rotary embedding as one fused kernel (_rotary_qk)
+    and q/k/v's adapters sharing their down-projection in a compiled layer (group_forward)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    query_states = module.q_proj(hidden_states).view(hidden_shape)     # (b, t, heads, d)
-    key_states = module.k_proj(hidden_states).view(hidden_shape)
-    value_states = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    q, k, v = group_forward([module.q_proj, module.k_proj, module.v_proj], hidden_states)
+    query_states = q.view(hidden_shape)                                # (b, t, heads, d)
+    key_states = k.view(hidden_shape)
+    value_states = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = _rotary_qk(query_states, key_states, cos, sin)  # (b, heads, t, d)
     if past_key_values is not None:
@@ -129,7 +132,8 @@ def _rms_forward(module, hidden_states):
 
 
 def _mlp_forward(module, x):
-    return module.down_proj(_silu_mul(module.gate_proj(x), module.up_proj(x)))
+    gate, up = group_forward([module.gate_proj, module.up_proj], x)  # one down-projection for both adapters
+    return module.down_proj(_silu_mul(gate, up))
 
 
 def fuse_elementwise(model) -> int:

@@ -12,7 +12,8 @@ Each term is computed for qtune's own implementation (what its meter measures):
   and indices (int64). Gradients fp32; AdamW keeps two fp32 moments, the 8-bit optimizers two
   uint8 moments (+ block scales) for tensors of ≥ 4096 elements.
 - activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h; QDoRA also
-  keeps each layer's down_proj output, b·t·h, unless --no-dora-stash) plus, during one layer's
+  keeps each layer's down_proj output, b·t·h, unless --no-dora-stash; a compiled layer keeps each
+  adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
@@ -212,6 +213,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     internals = saved + transient  # one layer's, during its recomputation and backward
     # each layer's input, kept by the checkpoint (and QDoRA's stashed down_proj outputs: qtune.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
+    if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # and each adapter's h = x·Aᵀ (lora_down)
+        layer_inputs += L * b * t * cfg.rank * per_layer * c
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)

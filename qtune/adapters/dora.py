@@ -25,7 +25,7 @@ from torch import nn
 
 from quant import QuantLinear
 from quant.formats import can_scale_rows
-from qtune.adapters.lora import _base_weight, add_lora_traced, fusable, traced_base_weight
+from qtune.adapters.lora import _base_weight, add_lora_traced, fusable, lora_down, traced_base_weight
 from qtune.compile import SAVED_OPS, maybe_compile
 from qtune.memory import probe
 from qtune.recompute import recomputing
@@ -237,7 +237,8 @@ def _(w, lora_A, lora_B, w_sq, scale):
 SAVED_OPS.add(torch.ops.qtune.dora_row_norms.default)  # kept from the forward by a compiled layer's checkpoint
 
 
-def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None = None) -> torch.Tensor:
+def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None = None,
+                h: torch.Tensor | None = None) -> torch.Tensor:
     """DoRA with the norm detached and no dropout as plain differentiable ops, for a compiled decoder
     layer (qtune.compile.compile_decoder_layers; the compiler derives the backward):
         u = x·D(W)ᵀ + s·(x Aᵀ)Bᵀ (one addmm accumulating the adapter into the base GEMM's output),
@@ -246,14 +247,17 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
     training. A·Wᵀ comes from the forward's dequantized W; n is one operator (dora_row_norms) whose
     output the compiled checkpoint keeps from the forward, so the recomputation does not redo it, as
     the eager node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
-    w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here."""
+    w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here;
+    h = x·Aᵀ when already formed (qtune.adapters.lora.group_forward), else one lora_down."""
     base, dtype = layer.base_layer, x.dtype
     w = traced_base_weight(base, dtype)
     with torch.no_grad():
         if w_sq is None:
             w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
     n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
-    u = add_lora_traced(F.linear(x, w), F.linear(x, layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
+    if h is None:
+        h = lora_down(x, layer.lora_A.to(dtype))
+    u = add_lora_traced(F.linear(x, w), h, layer.lora_B, layer.scale)
     y = (u.float() * (layer.magnitude / n)).to(dtype)
     bias = base.bias
     return y if bias is None else y + bias.to(dtype)
@@ -339,11 +343,18 @@ class DoRALinear(nn.Module):
         w = self.base_layer.weight.to(x.dtype)
         return F.linear(x, w), F.linear(lora_A.to(x.dtype), w), self._row_sq
 
+    def traceable(self) -> bool:
+        """Whether this layer has a compiled form (`traced`): the norm detached, no dropout, a fused base."""
+        return self.detach_norm and isinstance(self.dropout, nn.Identity) and fusable(self.base_layer)
+
+    def traced(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The compiled layer's form of forward (dora_traced); h = x·Aᵀ when already formed."""
+        known = self._row_sq is not None and self._row_sq_key == (x.device, x.dtype)
+        return dora_traced(self, x, self._row_sq if known else None, h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.detach_norm and isinstance(self.dropout, nn.Identity) \
-                and fusable(self.base_layer):  # a compiled decoder layer (qtune.compile)
-            known = self._row_sq is not None and self._row_sq_key == (x.device, x.dtype)
-            return dora_traced(self, x, self._row_sq if known else None)
+        if torch.compiler.is_compiling() and self.traceable():  # a compiled decoder layer (qtune.compile)
+            return self.traced(x)
         x_drop = self.dropout(x)  # identity in eval or with dropout 0
         two_inputs = x_drop is not x
         if self.detach_norm and not two_inputs and fusable(self.base_layer):  # the default: one node

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.compile import SAVED_OPS
 from qtune.memory import probe
 from qtune.recompute import can_skip
 from quant import QuantLinear
@@ -114,17 +115,67 @@ def add_lora_traced(y: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scal
     return out.view(y.shape)
 
 
-def lora_traced(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("qtune::lora_down", mutates_args=())
+def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h = x·aᵀ, (..., in) x (r, in) -> (..., r): the adapters' down-projection in a compiled layer.
+    One operator so that the layer's checkpoint keeps h from the forward (qtune.compile.SAVED_OPS:
+    r columns per linear, 7 MB a step for SmolLM2's 210 linears at r = 16) instead of redoing the
+    skinny GEMM in the recomputation; its backward (traced into the compiled backward) is the two
+    products autograd would form, dL/dx = g_h·a and dL/da = g_hᵀ·x."""
+    return F.linear(x, a)
+
+
+@lora_down.register_fake
+def _(x, a):
+    return x.new_empty(*x.shape[:-1], a.shape[0])
+
+
+def _lora_down_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _lora_down_backward(ctx, g_h):
+    x, a = ctx.saved_tensors
+    g2 = g_h.reshape(-1, g_h.shape[-1])
+    grad_x = (g2 @ a).view(x.shape) if ctx.needs_input_grad[0] else None
+    grad_a = g2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_a
+
+
+lora_down.register_autograd(_lora_down_backward, setup_context=_lora_down_setup)
+SAVED_OPS.add(torch.ops.qtune.lora_down.default)  # kept from the forward by a compiled layer's checkpoint
+
+
+def lora_traced(layer: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """The fused node's forward as plain differentiable ops, for a compiled decoder layer
     (qtune.compile.compile_decoder_layers): torch.compile traces it into the layer's graph and
     derives the backward, and its partitioner drops from the recomputation what backward never
     reads (down_proj's base GEMM: qtune.recompute's skip, found by the compiler). Same products
-    and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm."""
+    and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm, with
+    h = x·Aᵀ from lora_down (kept from the forward), or given: the slice of one product for the
+    linears that read the same x (group_forward)."""
     base, dtype = layer.base_layer, x.dtype
+    if h is None:
+        h = lora_down(layer.dropout(x), layer.lora_A.to(dtype))
     if not isinstance(base, (QuantLinear, nn.Linear)):
-        return base(x) + layer.scale * F.linear(F.linear(layer.dropout(x), layer.lora_A.to(dtype)), layer.lora_B.to(dtype))
+        return base(x) + layer.scale * F.linear(h, layer.lora_B.to(dtype))
     y = F.linear(x, traced_base_weight(base, dtype), None if base.bias is None else base.bias.to(dtype))
-    return add_lora_traced(y, F.linear(layer.dropout(x), layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
+    return add_lora_traced(y, h, layer.lora_B, layer.scale)
+
+
+def group_forward(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in modules], for linears that read the same x (a layer's q/k/v, gate/up).
+    In a compiled decoder layer, when each is an adapter with a compiled form (`traced(x, h)`) and
+    no dropout, their down-projections are one GEMM, h = x·[A₁; A₂; …]ᵀ (one lora_down, split by
+    columns), and so are their backward's dL/dx and dL/dA products: per Llama layer 5 + 5 + 5 + 5
+    skinny GEMMs (forward, recomputation, two in backward) become 2 + 0 + 2 + 2. The base GEMMs and
+    the up-projections stay one per linear. Elsewhere each module runs its own forward."""
+    if (len(modules) > 1 and torch.compiler.is_compiling()
+            and all(callable(getattr(m, "traced", None)) and isinstance(getattr(m, "dropout", None), nn.Identity)
+                    and m.traceable() for m in modules)):
+        hs = lora_down(x, torch.cat([m.lora_A for m in modules]).to(x.dtype)).split([m.rank for m in modules], -1)
+        return [m.traced(x, h) for m, h in zip(modules, hs)]
+    return [m(x) for m in modules]
 
 
 def lora_forward(layer: nn.Module, x: torch.Tensor, skip_base: bool, sparse: tuple | None = None) -> torch.Tensor:
@@ -159,9 +210,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled decoder layer (qtune.compile)
-            return lora_traced(self, x)
+            return self.traced(x)
         # in a recomputation the base may be skipped: backward reads only the adapter's saved tensors
         return lora_forward(self, x, can_skip(self))
+
+    def traceable(self) -> bool:
+        """Whether `traced` is this layer's forward in a compiled layer (always, for LoRA)."""
+        return True
+
+    def traced(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The compiled layer's form of forward; h = dropout(x)·Aᵀ when already formed (group_forward)."""
+        return lora_traced(self, x, h)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = s·BA, (out, in) fp32."""

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.adapters.lora import add_lora_traced, fusable, lora_forward, traced_base_weight
+from qtune.adapters.lora import add_lora_traced, fusable, lora_down, lora_forward, traced_base_weight
 from qtune.compile import maybe_compile
 from qtune.recompute import can_skip
 
@@ -206,15 +206,18 @@ def _rosa_backward(ctx, g):
 rosa_linear.register_autograd(_rosa_backward, setup_context=_rosa_setup)
 
 
-def rosa_traced(layer: "RoSALinear", x: torch.Tensor) -> torch.Tensor:
+def rosa_traced(layer: "RoSALinear", x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """RoSA without dropout as traceable ops for a compiled decoder layer: the base with S folded in
-    (rosa_linear), plus the LoRA term accumulated into its output in one addmm, as the eager node."""
+    (rosa_linear), plus the LoRA term accumulated into its output in one addmm, as the eager node;
+    h = x·Aᵀ when already formed (qtune.adapters.lora.group_forward), else one lora_down."""
     base, dtype = layer.base_layer, x.dtype
     w_s = _fold_traced(traced_base_weight(base, dtype), layer.sparse_values.detach(), layer.sparse_indices)
     y = rosa_linear(x, w_s, layer.sparse_values, layer.csr_crow, layer.csr_cols)
     if base.bias is not None:
         y = y + base.bias.to(dtype)
-    return add_lora_traced(y, F.linear(x, layer.lora_A.to(dtype)), layer.lora_B, layer.scale)
+    if h is None:
+        h = lora_down(x, layer.lora_A.to(dtype))
+    return add_lora_traced(y, h, layer.lora_B, layer.scale)
 
 
 class RoSALinear(nn.Module):
@@ -272,10 +275,17 @@ class RoSALinear(nn.Module):
             self.set_support(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def traceable(self) -> bool:
+        """Whether this layer has a compiled form (`traced`): its support fixed, no dropout, a fused base."""
+        return bool(self.nnz) and isinstance(self.dropout, nn.Identity) and fusable(self.base_layer)
+
+    def traced(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The compiled layer's form of forward (rosa_traced); h = x·Aᵀ when already formed."""
+        return rosa_traced(self, x, h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.nnz and isinstance(self.dropout, nn.Identity) \
-                and fusable(self.base_layer):  # a compiled decoder layer (qtune.compile)
-            return rosa_traced(self, x)
+        if torch.compiler.is_compiling() and self.traceable():  # a compiled decoder layer (qtune.compile)
+            return self.traced(x)
         skip = can_skip(self)  # only saved tensors matter (qtune.recompute)
         if self.nnz and fusable(self.base_layer):  # one node: x·(W + S)ᵀ + s·BA x (see _FoldedSparse)
             return lora_forward(self, x, skip, sparse=(self.sparse_values, _FoldedSparse(self)))
