@@ -4,6 +4,8 @@
     python tools/bench_methods.py --methods qdora --repeats 5
     python tools/bench_methods.py --sequential         # the older mode: one run after the other
     python tools/bench_methods.py --pool tools/results/bench_methods_a.json tools/results/bench_methods_b.json
+    git worktree add /tmp/base HEAD~1 && python tools/bench_methods.py --methods qlora --against-tree /tmp/base
+                                                       # before/after of a change, each method against itself
 
 The speed issue's goals for these two are relative to our QLoRA (QDoRA <= 1.15x its step time, QRoSA
 at density 1% <= 1.3x). On this shared machine a step's time drifts by 2x within minutes, so two
@@ -41,13 +43,17 @@ import bench_peft as bp  # noqa: E402  (the setting, the data and the worker pro
 GOALS = {"qdora": 1.15, "qrosa": 1.3}  # step time / our QLoRA's, from the speed issue
 
 
-def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[str, dict]:
+def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: dict | None = None) -> dict[str, dict]:
     """Run two qtune workers side by side, stepping them alternately (see the module docstring);
-    {method: its worker's result}. Loading and the held-out scoring overlap; the steps never do."""
+    {label: its worker's result}. A label is a method, or "METHOD@base" for that method run from
+    the --against-tree checkout (`trees`: label -> (method, tree)). Loading and the held-out scoring
+    overlap; the steps never do."""
+    trees = trees or {}
     procs = {}
     try:
         for m in methods:
-            procs[m] = bp.start_gated_worker(args, work, "qtune", m, f"{m}-{tag}")
+            method, tree = trees.get(m, (m, None))
+            procs[m] = bp.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree)
         t0 = time.perf_counter()
 
         def expect(m: str, byte: bytes) -> None:
@@ -68,7 +74,7 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[
             proc, ack, result, log = procs[m]
             proc.stdin.close()
             rc = proc.wait()
-            out[m] = bp.read_worker_result(result, log, rc, "qtune", m, f"{m}-{tag}", t0)
+            out[m] = bp.read_worker_result(result, log, rc, "qtune", trees.get(m, (m,))[0], f"{m}-{tag}", t0)
         return out
     finally:
         for proc, ack, _, _ in procs.values():
@@ -76,6 +82,27 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str) -> dict[
                 proc.kill()
                 proc.wait()
             ack.close()
+
+
+def check_tree(tree: Path) -> None:
+    """--against-tree: DIR must be a checkout whose qtune a worker then imports (not this one's)."""
+    import subprocess
+
+    if not (tree / "tools" / "bench_peft.py").is_file() or not (tree / "qtune").is_dir():
+        raise SystemExit(f"--against-tree {tree}: not a checkout of this repository (no tools/bench_peft.py, "
+                         "qtune/); make one with `git worktree add DIR COMMIT`")
+    found = subprocess.run([sys.executable, "-c", "import qtune, quant; print(qtune.__file__); print(quant.__file__)"],
+                           env=bp.worker_env(tree), cwd=tree / "tools", capture_output=True, text=True,
+                           check=True).stdout.split()  # a worker's cwd-free view: its script's folder first
+    if not all(Path(f).resolve().is_relative_to(tree) for f in found):
+        raise SystemExit(f"--against-tree {tree}: a worker there would import {found}, not the tree's packages")
+
+
+def tree_commit(tree: Path) -> str:
+    import subprocess
+
+    r = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    return r.stdout.strip()[:80] or "not a git checkout"
 
 
 def median_interval(xs: list[float], level: float = 0.95, resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -116,15 +143,21 @@ def main() -> None:
                     help="one run after the other (QLoRA, then the method) instead of the two in lockstep")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench_methods{TAG}.md/.json)")
     ap.add_argument("--pool", nargs="+", metavar="JSON", help="no run: pool the step pairs of these result files")
+    ap.add_argument("--against-tree", metavar="DIR", default=None,
+                    help="before/after of a code change: each method against the same method run from DIR, another "
+                         "checkout of this repository (e.g. `git worktree add DIR HEAD~1`), in lockstep")
     args = ap.parse_args()
     if args.pool:
         print(pool(args.pool))
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in bp.METHODS or m == "qlora"]
-    if bad or args.repeats < 1 or args.steps < 1:
-        raise SystemExit(f"methods must be of {','.join(m for m in bp.METHODS if m != 'qlora')}; "
-                         "--repeats and --steps >= 1")
+    tree = Path(args.against_tree).resolve() if args.against_tree else None
+    bad = [m for m in methods if m not in bp.METHODS or (m == "qlora" and tree is None)]
+    if bad or args.repeats < 1 or args.steps < 1 or args.sequential and tree:
+        raise SystemExit(f"methods must be of {','.join(m for m in bp.METHODS if m != 'qlora' or tree)}; "
+                         "--repeats and --steps >= 1; --against-tree runs in lockstep only")
+    if tree:
+        check_tree(tree)
     from qtune.embedded import default_model_dir
 
     args.model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
@@ -136,7 +169,10 @@ def main() -> None:
         for rep in range(args.repeats):
             row = {}
             for m in methods:
-                if args.sequential:
+                if tree:  # the method against itself from the other checkout
+                    pair = lockstep_pair(args, work, (f"{m}@base", m), f"{m}-{rep}", {f"{m}@base": (m, tree)})
+                    ref, run = pair[f"{m}@base"], pair[m]
+                elif args.sequential:
                     ref = bp.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
                     run = bp.run_worker(args, work, "qtune", m, f"{m}-{rep}")
                 else:
@@ -174,7 +210,9 @@ def main() -> None:
             "two runs' median steps" if args.sequential else
             "QLoRA and the method in lockstep (step k of one, then of the other, order swapped every step); "
             "the ratio is the median over all step pairs")
-    lines = [f"# qtune methods vs qtune QLoRA ({bp._cpu_name()})", "",
+    if tree:
+        mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
+    lines = [f"# qtune methods vs {'another checkout' if tree else 'qtune QLoRA'} ({bp._cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {bp.SEQ_LEN} × batch {bp.BATCH}, r={bp.RANK}, "
              f"checkpointing, bf16, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
@@ -183,7 +221,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         goal = s["goal"]
-        verdict = "" if goal is None else f"≤ {goal}× {'PASS' if s['ratio'] <= goal else 'FAIL'}"
+        verdict = "" if goal is None or tree else f"≤ {goal}× {'PASS' if s['ratio'] <= goal else 'FAIL'}"
         per_round = s.get("round_pair_medians", s["round_ratios"])
         spread = f"{s['pair_quartiles'][0]:.3f}–{s['pair_quartiles'][1]:.3f} ({s['pairs']} pairs)" if s["pairs"] else "–"
         held = statistics.median(r[m]["heldout_after"] for r in rounds)

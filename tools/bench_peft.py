@@ -424,24 +424,36 @@ def prepare_data(work: Path, model_dir: Path, plays: int, eval_rows: int, n_step
             "train_tokens": stats.train_tokens}
 
 
-def worker_command(args, work: Path, side: str, method: str, tag: str) -> tuple[list[str], Path, Path]:
-    """(command line, result file, log file) of one worker process."""
+def worker_command(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None) -> tuple[list[str], Path, Path]:
+    """(command line, result file, log file) of one worker process; `tree`: another checkout of this
+    repository (tools/bench_methods.py --against-tree) whose worker and packages the process runs
+    instead of this one's (it puts the tree first on PYTHONPATH: see worker_env)."""
     result = work / f"{tag}.json"
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, method, "--work", str(work),
+    script = Path(tree) / "tools" / "bench_peft.py" if tree else Path(os.path.abspath(__file__))
+    cmd = [sys.executable, str(script), "--worker", side, method, "--work", str(work),
            "--result", str(result), "--model-dir", str(args.model_dir), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
     return cmd, result, work / f"{tag}.log"
 
 
-def start_gated_worker(args, work: Path, side: str, method: str, tag: str):
+def worker_env(tree: Path | None) -> dict | None:
+    """The environment of a worker that runs another checkout's qtune and quant (None: this one's):
+    PYTHONPATH's entries come before the editable install's finder, so `import qtune` finds the tree's."""
+    if tree is None:
+        return None
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tree).resolve())] +
+                                                         ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+
+
+def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None):
     """A worker under the lockstep gate (LockstepGate): (process, ack pipe, result file, log file). The
     parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then b"d" after
-    each step from the ack pipe."""
-    cmd, result, log = worker_command(args, work, side, method, tag)
+    each step from the ack pipe. `tree`: run another checkout's code (worker_command)."""
+    cmd, result, log = worker_command(args, work, side, method, tag, tree)
     ack_r, ack_w = os.pipe()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=f,
-                                stderr=subprocess.STDOUT, pass_fds=(ack_w,))
+                                stderr=subprocess.STDOUT, pass_fds=(ack_w,), env=worker_env(tree))
     os.close(ack_w)
     return proc, os.fdopen(ack_r, "rb", buffering=0), result, log
 
