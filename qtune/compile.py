@@ -97,6 +97,24 @@ _compiled_checkpoint = None
 SAVED_OPS: set = set()
 
 
+@torch.library.custom_op("qtune::keep", mutates_args=())
+def keep(x: torch.Tensor) -> torch.Tensor:
+    """x (a copy): a tensor that a compiled layer's checkpoint keeps from the forward (SAVED_OPS),
+    so that its recomputation skips what produced it when backward reads nothing else from there
+    (the attention's q, k and v after the rotary embedding: qtune.kernels). The gradient passes
+    through unchanged."""
+    return x.clone()
+
+
+@keep.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+keep.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+SAVED_OPS.add(torch.ops.qtune.keep.default)
+
+
 def _policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 

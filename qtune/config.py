@@ -52,6 +52,11 @@ class TrainConfig:
     """QDoRA with gradient checkpointing: keep each layer's down_proj output from the forward for its
     magnitude's gradient instead of recomputing that GEMM (one more batch × seq × hidden tensor per
     layer, as many bytes as the checkpoint's layer inputs); off = least memory."""
+    keep_qkv: bool = True
+    """Gradient checkpointing with compiled decoder layers (CPU): keep each layer's attention q, k
+    (after the rotary embedding) and v from the forward instead of recomputing them in backward (one
+    more batch × seq × (q + k + v width) tensor per layer; the recomputation skips q/k/v's GEMMs);
+    off = least memory."""
     rosa_density: float = 0.01
     """Fraction of each matrix's entries in RoSA's sparse part."""
     rosa_mask_steps: int = 8

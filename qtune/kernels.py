@@ -20,9 +20,10 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
 
 from qtune.adapters.lora import group_forward
-from qtune.compile import maybe_compile
+from qtune.compile import keep, maybe_compile
 
 NAME = "qtune_eager"
+KEEP_QKV = "qtune_keep_qkv"  # attribute of an attention module: keep q, k, v from the forward (set_keep_qkv)
 
 
 @maybe_compile
@@ -111,11 +112,16 @@ def _attention_forward(module, hidden_states, position_embeddings=None, attentio
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
     q, k, v = group_forward([module.q_proj, module.k_proj, module.v_proj], hidden_states)
+    kept = getattr(module, KEEP_QKV, False) and torch.compiler.is_compiling()
+    if kept:
+        v = keep(v)
     query_states = q.view(hidden_shape)                                # (b, t, heads, d)
     key_states = k.view(hidden_shape)
     value_states = v.view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query_states, key_states = _rotary_qk(query_states, key_states, cos, sin)  # (b, heads, t, d)
+    if kept:  # a compiled layer's recomputation then skips q/k/v's GEMMs and the rotary kernel
+        query_states, key_states = keep(query_states), keep(key_states)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, module.layer_idx)
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation,
@@ -125,6 +131,20 @@ def _attention_forward(module, hidden_states, position_embeddings=None, attentio
         dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return module.o_proj(attn_output), attn_weights
+
+
+def set_keep_qkv(model, flag: bool) -> int:
+    """Whether each routed attention module keeps its q, k (after the rotary embedding) and v from
+    the forward in a compiled, checkpointed layer (qtune.compile.keep) instead of recomputing them in
+    backward: b·t·(q + k + v widths) more bytes per layer held until its backward (SmolLM2 at b4 ×
+    256: 2 MB per layer), for q/k/v's base GEMMs, their adapters' up-projections and the rotary
+    kernel not run again. Returns how many modules were set."""
+    n = 0
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is _attention_forward:
+            setattr(module, KEEP_QKV, bool(flag))
+            n += 1
+    return n
 
 
 def _rms_forward(module, hidden_states):

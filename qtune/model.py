@@ -66,6 +66,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if device == "cpu":  # whole layers as compiled graphs where their adapters allow (qtune.compile)
+            kernels.set_keep_qkv(model, cfg.keep_qkv)  # in the compiled layers only (qtune.kernels)
             if qcompile.compile_decoder_layers(decoder_layers(model), compilable_layer):
                 for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled layers, computed once
                     if hasattr(m, "prepare_row_sq"):

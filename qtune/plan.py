@@ -13,7 +13,8 @@ Each term is computed for qtune's own implementation (what its meter measures):
   uint8 moments (+ block scales) for tensors of ≥ 4096 elements.
 - activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h; QDoRA also
   keeps each layer's down_proj output, b·t·h, unless --no-dora-stash; a compiled layer keeps each
-  adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down) plus, during one layer's
+  adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down, and with --keep-qkv
+  (default) the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
@@ -124,7 +125,7 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d = getattr(config, "head_dim", None) or h // nh
     per_token = (2 * (4 + c) * h                    # input and post-attention RMSNorm
-                 + c * (nh * d + 2 * nkv * d)       # q, k, v (after rotary)
+                 + c * qkv_width(config)            # q, k, v (after rotary)
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
                  + 4 * c * i                        # gate, up, silu(gate), silu(gate)·up
@@ -139,6 +140,14 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     if split:
         return batch * seq * per_token, batch * seq * transient
     return batch * seq * (per_token + transient)
+
+
+def qkv_width(config) -> int:
+    """Columns of a Llama-family layer's q, k and v together: (heads + 2 · kv heads) · head_dim."""
+    nh = config.num_attention_heads
+    nkv = getattr(config, "num_key_value_heads", None) or nh
+    d = getattr(config, "head_dim", None) or config.hidden_size // nh
+    return (nh + 2 * nkv) * d
 
 
 def backward_peak(stored: int, grads: int, layers: int) -> int:
@@ -210,11 +219,14 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
                                              extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
-    internals = saved + transient  # one layer's, during its recomputation and backward
     # each layer's input, kept by the checkpoint (and QDoRA's stashed down_proj outputs: qtune.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
     if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # and each adapter's h = x·Aᵀ (lora_down)
         layer_inputs += L * b * t * cfg.rank * per_layer * c
+        if cfg.keep_qkv:  # and q, k, v (qtune.kernels.set_keep_qkv): counted there, not again in the layer's internals
+            layer_inputs += L * b * t * qkv_width(config) * c
+            saved -= b * t * qkv_width(config) * c
+    internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     chunk = min(ce_chunk_tokens(config.vocab_size), b * t)
@@ -267,6 +279,8 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> lis
              ("--offload disk", "offload", "disk")]
     if cfg.method == "qdora" and cfg.gradient_checkpointing and not compiles_layers(cfg, device):  # the stash only exists there
         tries.append(("--no-dora-stash", "dora_stash", False))
+    if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # q/k/v are kept only there
+        tries.append(("--no-keep-qkv", "keep_qkv", False))
     for flag, field, value in tries:
         if getattr(cfg, field) == value:
             continue

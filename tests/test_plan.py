@@ -44,14 +44,22 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
     """DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient; with the stash
     (default, under checkpointing, eager layers: here --no-compile) down_proj's lives from the forward
     on, beside the layer inputs. Compiled layers (the CPU default) recompute it: no stash, but they keep
-    each of the layer's 7 adapters' down-projection h = x·Aᵀ (b·t·r) from the forward."""
+    each of the layer's 7 adapters' down-projection h = x·Aᵀ (b·t·r) from the forward, and its q, k, v."""
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     b, t, c = 2, 32, 2
     monkeypatch.setenv("QTUNE_COMPILE", "1")  # as in a user's run (the suite runs eagerly)
     compiled = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"))
-    assert compiled.layer_inputs == L * b * t * (h + 7 * 4) * c
+    qkv = h + 2 * kv  # and, with --keep-qkv (default), each layer's q, k, v
+    assert compiled.layer_inputs == L * b * t * (h + 7 * 4 + qkv) * c
+    lean = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora",
+                                   keep_qkv=False))
+    assert lean.layer_inputs == L * b * t * (h + 7 * 4) * c
+    # the layer in backward has its q, k, v among the kept ones, not twice
+    assert compiled.activations - lean.activations == (L - 1) * b * t * qkv * c
+    assert any(t.startswith("--no-keep-qkv: ") for t in suggestions(
+        TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"), 2**40))
     assert not any("dora" in t for t in suggestions(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b,
                                                                 seq_len=t, method="qdora"), 2**40))
     base = dict(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, compile=False)
