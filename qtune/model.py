@@ -170,13 +170,20 @@ def ce_chunk_tokens(vocab: int) -> int:
 def _chunk_loss_and_grad(head: torch.Tensor, targets: torch.Tensor):
     """One chunk's (Σ CE, dCE/dz) from its head output z (c, V) in the compute dtype.
 
-    loss = logsumexp(z) − z_y in fp32; dCE/dz = softmax(z) − onehot(y), computed in fp32 and
-    returned in z's dtype. Compiled, this is one pass over z per row instead of ~7 over (c, V)."""
+    With m = max z and s = Σ exp(z − m) per row: loss = log s + m − z_y in fp32, dCE/dz = exp(z − m)/s
+    − onehot(y), computed in fp32 and returned in z's dtype. Written as a softmax (not logsumexp)
+    with the target's −1 put in by one scatter of c values, inductor runs max, sum and the gradient
+    in one loop per row while the row is in cache, with no per-logit compare against y: about half
+    the time of the logsumexp/one-hot form (tools/bench_ce_chunk.py: 0.52×)."""
     logits = head.float()
-    lse = torch.logsumexp(logits, dim=-1)                                  # (c,)
-    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
-    onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)         # fused away when compiled
-    return loss, (torch.exp(logits - lse[:, None]) - onehot).to(head.dtype)
+    m = logits.amax(dim=1, keepdim=True)                                   # (c, 1)
+    e = torch.exp(logits - m)
+    s = e.sum(dim=1, keepdim=True)                                         # (c, 1)
+    grad = (e / s).to(head.dtype)          # this order: the gather below stays out of the row loop
+    z_y = logits.gather(1, targets[:, None])                               # (c, 1)
+    loss = (torch.log(s) + m - z_y).sum()
+    p_y = torch.exp(z_y - m) / s
+    return loss, grad.scatter(1, targets[:, None], (p_y - 1.0).to(head.dtype))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
