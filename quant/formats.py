@@ -110,10 +110,7 @@ class QuantizedWeight:
             state.state2, state.offset, state.nested = None, None, False
         if self.quant_type == "int8":
             return bnbF.dequantize_blockwise(self.packed, state)
-        # bitsandbytes 0.50's CPU kernel decodes a 2-D shape row by row and is wrong when
-        # in_features % 64 is 16, 32 or 48 (the blocks run over the flat weight, not per row);
-        # decoding the flat vector and reshaping is right for every shape, and no slower.
-        state.shape = torch.Size([self.shape.numel()])
+        state.shape = torch.Size(decode_rows(self.shape, self.blocksize))
         return bnbF.dequantize_4bit(self.packed, state).view(self.shape)
 
     def dequantize_traced(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -131,9 +128,8 @@ class QuantizedWeight:
             absmax = state.absmax.float()
         if self.quant_type == "int8":
             return ops.dequantize_blockwise(self.packed, absmax, state.code, state.blocksize, dtype)
-        # one row of numel values: the kernel's blocks run over the flat weight (see dequantize())
         return ops.dequantize_4bit(self.packed, absmax, state.blocksize, self.quant_type,
-                                   [1, self.shape.numel()], dtype).view(self.shape)
+                                   decode_rows(self.shape, state.blocksize), dtype).view(self.shape)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """The dtype dequantize() returns by default: the matmul's (bf16 on CPU), so that no fp32
@@ -188,6 +184,23 @@ class QuantizedWeight:
 def is_quantized_checkpoint_key(key: str) -> bool:
     """True for the auxiliary tensors of a quantized weight (`...weight.absmax` etc.)."""
     return ".weight." in key
+
+
+def decode_rows(shape, blocksize: int) -> list[int]:
+    """The 2-D shape to hand bitsandbytes' 4-bit dequantize kernel for a weight of `shape`: rows
+    made of whole quantization blocks. Its CPU kernel decodes a 2-D shape row by row, one row per
+    thread, and restarts the blocks at each row, while the blocks run over the flat weight: a shape
+    whose rows split a block decodes wrong (bitsandbytes 0.50: in_features % 64 of 16, 32 or 48),
+    and one row of numel values ([1, numel], always right) runs on one thread. So: the weight's own
+    (out, in) where in is a multiple of the block size; else rows of one block each where numel is;
+    else the one flat row. Same values bit for bit (tests/test_quant.py); SmolLM2's 576 × 1536 on 2
+    threads: 0.126 -> 0.072 ms (tools/bench_dequant.py)."""
+    n = int(torch.Size(shape).numel())
+    if len(shape) == 2 and shape[1] % blocksize == 0:
+        return [int(shape[0]), int(shape[1])]
+    if n % blocksize == 0:
+        return [n // blocksize, blocksize]
+    return [1, n]
 
 
 def can_scale_rows(shape, blocksize: int) -> bool:

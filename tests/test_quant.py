@@ -35,7 +35,8 @@ NF4_TABLE = torch.tensor([
 # (300, 96): 450 blocks (a partial nested block); in_features % 64 == 32. bitsandbytes 0.50's CPU
 #   4-bit dequantize kernel decodes a 2-D shape row by row and gets every in_features with
 #   in % 16 == 0 and in % 64 != 0 wrong (≈ 0.25 relative error instead of 0.09); QuantizedWeight
-#   decodes flat and reshapes, and this shape guards that.
+#   decodes such a weight as rows of one block each (quant.formats.decode_rows), and this shape
+#   guards that. (256, 128) decodes as its own rows, (86, 43) as one flat row.
 SHAPES_4BIT = [(256, 128), (86, 43), (300, 96)]
 SHAPES_INT8 = [(256, 128), (86, 43), (300, 96)]
 
@@ -366,3 +367,19 @@ def test_block_scales_are_the_blocks_absmax_and_dequantize_takes_them(quant_type
     # the scales really are what the dequantization uses: doubled scales, doubled weight
     torch.testing.assert_close(qw.dequantize(torch.float32, scales=2 * scales), 2 * qw.dequantize(torch.float32),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES_4BIT + [(1536, 576), (64, 80)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_4bit_decode_rows_match_the_flat_decode_bit_for_bit(shape, dtype):
+    """decode_rows' 2-D shapes (rows of whole blocks, decoded one row per thread) give the values of
+    the one flat row ([1, numel], the kernel's always-right form), bit for bit."""
+    from quant.formats import decode_rows
+
+    qw = quantize(_gaussian(shape, seed=5), "nf4", double_quant=True)
+    rows = decode_rows(qw.shape, qw.blocksize)
+    assert rows[0] * rows[1] == qw.shape.numel() and (rows[0] == 1 or rows[1] % qw.blocksize == 0)
+    absmax = qw.block_scales()
+    flat = torch.ops.bitsandbytes.dequantize_4bit(qw.packed, absmax, qw.blocksize, "nf4", [1, qw.shape.numel()], dtype)
+    assert torch.equal(qw.dequantize(dtype), flat.view(qw.shape))
+    assert torch.equal(qw.dequantize_traced(dtype), flat.view(qw.shape))
