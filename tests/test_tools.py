@@ -64,6 +64,8 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
                    ("aten::mm", 2 * 64 * 32 * 16), ("aten::mm", 2 * 64 * 32 * 16)]
     assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 49152]], 16, 49152) == "head (loss chunks)"
     assert profile_step.gemm_kind("aten::addmm", [[1536], [1024, 16], [16, 1536]], 16, 49152) == "adapters (rank 16)"
+    assert profile_step.gemm_kind("aten::addmm_", [[1024, 1536], [1024, 16], [16, 1536]], 16, 49152) == "adapters (rank 16)"
+    assert profile_step.mm_flops("aten::addmm_", [[1024, 1536], [1024, 16], [16, 1536]]) == 2.0 * 1024 * 16 * 1536
     assert profile_step.gemm_kind("aten::mm", [[48, 1024], [1024, 576]], 16, 49152) == "adapters (rank 16)"  # q/k/v's
     assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 192]], 16, 49152) == "base linears"  # k_proj
     assert profile_step.gemm_kind("aten::mm", [[1024, 576], [576, 1536], [1024, 1536]], 16, 49152) == "base linears"

@@ -37,8 +37,9 @@ GROUPS = (("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4p
 
 def gemm_operands(name: str, shapes: list) -> tuple[list, list] | None:
     """The two multiplied operands' shapes of a GEMM call, by position (mm(a, b[, out]),
-    addmm(c, a, b, ...), bmm(a, b[, out])), or None if the call is no GEMM the profiler recorded."""
-    pos = 1 if name in ("aten::addmm", "aten::baddbmm") else 0
+    addmm(c, a, b, ...) and its in-place addmm_, bmm(a, b[, out])), or None if the call is no GEMM
+    the profiler recorded."""
+    pos = 1 if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm") else 0
     if len(shapes) < pos + 2 or not all(isinstance(s, list) and len(s) >= 2 for s in shapes[pos:pos + 2]):
         return None
     return shapes[pos], shapes[pos + 1]

@@ -25,7 +25,7 @@ from torch import nn
 
 from quant import QuantLinear
 from quant.formats import can_scale_rows
-from qtune.adapters.lora import _base_weight, add_lora_traced, fusable, lora_down, traced_base_weight
+from qtune.adapters.lora import _base_weight, fusable, linear_lora_traced, lora_down, traced_base_weight
 from qtune.compile import SAVED_OPS, maybe_compile
 from qtune.memory import probe
 from qtune.recompute import recomputing
@@ -257,7 +257,7 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
     n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
     if h is None:
         h = lora_down(x, layer.lora_A.to(dtype))
-    u = add_lora_traced(F.linear(x, w), h, layer.lora_B, layer.scale)
+    u = linear_lora_traced(x, w, h, layer.lora_B, layer.scale)
     y = (u.float() * (layer.magnitude / n)).to(dtype)
     bias = base.bias
     return y if bias is None else y + bias.to(dtype)

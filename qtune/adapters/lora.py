@@ -115,6 +115,50 @@ def add_lora_traced(y: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scal
     return out.view(y.shape)
 
 
+@torch.library.custom_op("qtune::linear_lora", mutates_args=())
+def linear_lora(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
+    """y = x·wᵀ + h·b_sᵀ, (..., in) x (out, in) and (..., r) x (out, r) -> (..., out): a frozen base's
+    GEMM with the adapter's up-projection accumulated into its output in place (addmm_), as the eager
+    node does, for a compiled layer. Written as F.linear then addmm, inductor gives the addmm a fresh
+    output and first copies the base GEMM's (tokens × out) result into it: one full pass per linear,
+    forward and recomputation (7 + 3 per Llama layer). Its backward (traced into the compiled
+    backward) is the products autograd would form: dL/dx = g·w, dL/dh = g·b_s, dL/db_s = gᵀ·h (and
+    dL/dw = gᵀ·x, never asked for a frozen base)."""
+    y = F.linear(x, w)
+    y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b_s.t())
+    return y
+
+
+@linear_lora.register_fake
+def _(x, w, h, b_s):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _linear_lora_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _linear_lora_backward(ctx, g):
+    x, w, h, b_s = ctx.saved_tensors
+    g2 = g.reshape(-1, g.shape[-1])
+    need = ctx.needs_input_grad
+    grad_x = (g2 @ w).view(x.shape) if need[0] else None
+    grad_w = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    grad_h = (g2 @ b_s).view(h.shape) if need[2] else None
+    grad_b = g2.t() @ h.reshape(-1, h.shape[-1]) if need[3] else None
+    return grad_x, grad_w, grad_h, grad_b
+
+
+linear_lora.register_autograd(_linear_lora_backward, setup_context=_linear_lora_setup)
+
+
+def linear_lora_traced(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """x·wᵀ + h·(s·B)ᵀ for a compiled layer: one linear_lora (the adapter accumulated in place into the
+    base GEMM's output); traceable."""
+    return linear_lora(x, w, h, (lora_B * scale).to(x.dtype))
+
+
 @torch.library.custom_op("qtune::lora_down", mutates_args=())
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """h = x·aᵀ, (..., in) x (r, in) -> (..., r): the adapters' down-projection in a compiled layer.
@@ -151,7 +195,8 @@ def lora_traced(layer: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None
     (qtune.compile.compile_decoder_layers): torch.compile traces it into the layer's graph and
     derives the backward, and its partitioner drops from the recomputation what backward never
     reads (down_proj's base GEMM: qtune.recompute's skip, found by the compiler). Same products
-    and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm, with
+    and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm_
+    (linear_lora), with
     h = x·Aᵀ from lora_down (kept from the forward), or given: the slice of one product for the
     linears that read the same x (group_forward)."""
     base, dtype = layer.base_layer, x.dtype
@@ -159,8 +204,8 @@ def lora_traced(layer: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None
         h = lora_down(layer.dropout(x), layer.lora_A.to(dtype))
     if not isinstance(base, (QuantLinear, nn.Linear)):
         return base(x) + layer.scale * F.linear(h, layer.lora_B.to(dtype))
-    y = F.linear(x, traced_base_weight(base, dtype), None if base.bias is None else base.bias.to(dtype))
-    return add_lora_traced(y, h, layer.lora_B, layer.scale)
+    y = linear_lora_traced(x, traced_base_weight(base, dtype), h, layer.lora_B, layer.scale)
+    return y if base.bias is None else y + base.bias.to(dtype)
 
 
 def group_forward(modules: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
