@@ -196,9 +196,8 @@ def lora_traced(layer: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None
     derives the backward, and its partitioner drops from the recomputation what backward never
     reads (down_proj's base GEMM: qtune.recompute's skip, found by the compiler). Same products
     and the same accumulation as _LoRALinearFn: y = x·D(W)ᵀ, then y += h·(s·B)ᵀ in one addmm_
-    (linear_lora), with
-    h = x·Aᵀ from lora_down (kept from the forward), or given: the slice of one product for the
-    linears that read the same x (group_forward)."""
+    (linear_lora), with h = x·Aᵀ from lora_down (kept from the forward), or given: the slice of one
+    product for the linears that read the same x (group_forward)."""
     base, dtype = layer.base_layer, x.dtype
     if h is None:
         h = lora_down(layer.dropout(x), layer.lora_A.to(dtype))
