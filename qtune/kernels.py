@@ -138,11 +138,19 @@ def set_keep_qkv(model, flag: bool) -> int:
     the forward in a compiled, checkpointed layer (qtune.compile.keep) instead of recomputing them in
     backward: b·t·(q + k + v widths) more bytes per layer held until its backward (SmolLM2 at b4 ×
     256: 2 MB per layer), for q/k/v's base GEMMs, their adapters' up-projections and the rotary
-    kernel not run again. Returns how many modules were set."""
+    kernel not run again. Returns how many modules were set.
+    DoRA's projections keep their products u (before the magnitude's scale) instead, and the
+    attention none: the magnitude's gradient reads u, which q, k and v after the rotary embedding do
+    not give back (qtune.adapters.dora.dora_traced); the same bytes."""
     n = 0
     for module in model.modules():
         if getattr(module.forward, "__func__", None) is _attention_forward:
-            setattr(module, KEEP_QKV, bool(flag))
+            projections = [module.q_proj, module.k_proj, module.v_proj]
+            own = all(hasattr(p, "keep_product") for p in projections)
+            for p in projections:
+                if hasattr(p, "keep_product"):
+                    p.keep_product = bool(flag) and own
+            setattr(module, KEEP_QKV, bool(flag) and not own)
             n += 1
     return n
 

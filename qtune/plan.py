@@ -212,8 +212,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
     attention = attention_implementation(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
-    stash = (fused_dora and cfg.gradient_checkpointing and cfg.dora_stash and "down_proj" in cfg.target_modules
-             and not compiles_layers(cfg, device))  # a compiled layer recomputes down_proj's output instead
+    # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
+    stash = fused_dora and cfg.gradient_checkpointing and cfg.dora_stash and "down_proj" in cfg.target_modules
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
     dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L

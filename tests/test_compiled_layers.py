@@ -117,7 +117,7 @@ def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
     """DoRA with the norm's gradient, dropout, and --no-compile keep transformers' eager checkpoint
     function (so does a RoSA layer until its support is fixed, and any layer whose linears carry
     hooks, as while RoSA selects it); the plan counts one linear's dequantized buffer for them, one
-    layer's for compiled QLoRA and QDoRA (and no down_proj stash for QDoRA)."""
+    layer's for compiled QLoRA and QDoRA (and QDoRA's down_proj stash, kept as its product u)."""
     import qtune.compile as qc
     from qtune.config import TrainConfig
     from qtune.model import compilable_layer, compiles_layers
@@ -146,8 +146,9 @@ def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
                        gradient_checkpointing=True, method="qdora")
     assert compiles_layers(dora)
     dora_plan = plan_memory(dora)
-    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs  # compiled: no stash
     h, i = model.config.hidden_size, model.config.intermediate_size
+    stash = model.config.num_hidden_layers * 2 * 32 * h * 2  # compiled QDoRA keeps down_proj's u too: L·b·t·h bf16
+    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs + stash
     kv = model.config.num_key_value_heads * (h // model.config.num_attention_heads)
     assert plan_memory(plain).dequant_buffers == (2 * h * h + 2 * h * kv + 3 * h * i) * 2
     assert plan_memory(cfg).dequant_buffers == h * i * 2  # the largest linear, bf16
@@ -211,5 +212,48 @@ def test_kept_qkv_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, co
     assert deq_k == deq_r == L * (7 + 7)
     torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])
     assert grads_k.keys() == grads_r.keys()
+    for name in grads_r:
+        torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)
+
+
+def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
+    """QDoRA in a compiled layer: the magnitude's gradient reads each product u = x·Wᵀ + s·hBᵀ, so
+    with --keep-qkv q/k/v keep their u (not the attention's copies: DoRALinear.keep_product) and with
+    the down_proj stash (default) down_proj keeps its u; the recomputation then runs only o, gate and
+    up's linear_lora (base GEMM + up-projection) where --no-keep-qkv --no-dora-stash runs all 7, with
+    the loss and gradients of that run and the same dequantizations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qtune import kernels
+    from qtune.loader import load_config
+
+    def run(keep: bool):
+        model = _model(tiny_llama, tmp_path, method="qdora", compute_dtype="float32", keep_qkv=keep, dora_stash=keep)
+        for m in model.modules():  # magnitudes away from the norms, so that m/n matters
+            if hasattr(m, "magnitude"):
+                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
+        attn = [layer.self_attn for layer in model.model.layers]
+        assert all(getattr(a, kernels.KEEP_QKV) is False for a in attn)
+        assert all(getattr(a, p).keep_product is keep for a in attn for p in ("q_proj", "k_proj", "v_proj"))
+        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        _loss_and_grads(model, ids, mask)  # compiles
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss, grads = _loss_and_grads(model, ids, mask)
+        counts = {e.key: e.count for e in prof.key_averages()}
+        return (loss, grads, counts.get("qtune::linear_lora", 0), counts.get("bitsandbytes::dequantize_4bit", 0),
+                counts.get("qtune::keep", 0))
+
+    torch.manual_seed(2)
+    loss_k, grads_k, fused_k, deq_k, kept = run(True)
+    torch.manual_seed(2)
+    loss_r, grads_r, fused_r, deq_r, none = run(False)
+    L = load_config(tiny_llama, False).num_hidden_layers
+    assert kept == 4 * L and none == 0  # forward only: the recomputation reads the kept products
+    assert fused_r == (7 + 7) * L and fused_k == (7 + 3) * L, (fused_r, fused_k)
+    assert deq_k == deq_r == L * (7 + 7)
+    torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])
+    assert grads_k.keys() == grads_r.keys() and len(grads_k) == 3 * 7 * L
     for name in grads_r:
         torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)

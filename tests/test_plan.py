@@ -43,8 +43,9 @@ def test_plan_of_a_small_config_by_hand(tiny_llama):
 def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatch):
     """DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient; with the stash
     (default, under checkpointing, eager layers: here --no-compile) down_proj's lives from the forward
-    on, beside the layer inputs. Compiled layers (the CPU default) recompute it: no stash, but they keep
-    each of the layer's 7 adapters' down-projection h = x·Aᵀ (b·t·r) from the forward, and its q, k, v."""
+    on, beside the layer inputs. Compiled layers (the CPU default) keep it too (as its product u), and
+    each of the layer's 7 adapters' down-projection h = x·Aᵀ (b·t·r) from the forward, and its q, k, v
+    (DoRA's as their products u: the same bytes)."""
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
@@ -52,10 +53,10 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
     monkeypatch.setenv("QTUNE_COMPILE", "1")  # as in a user's run (the suite runs eagerly)
     compiled = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"))
     qkv = h + 2 * kv  # and, with --keep-qkv (default), each layer's q, k, v
-    assert compiled.layer_inputs == L * b * t * (h + 7 * 4 + qkv) * c
+    assert compiled.layer_inputs == L * b * t * (2 * h + 7 * 4 + qkv) * c
     lean = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora",
                                    keep_qkv=False))
-    assert lean.layer_inputs == L * b * t * (h + 7 * 4) * c
+    assert lean.layer_inputs == L * b * t * (2 * h + 7 * 4) * c
     # the layer in backward has its q, k, v among the kept ones, not twice
     assert compiled.activations - lean.activations == (L - 1) * b * t * qkv * c
     assert any(t.startswith("--no-keep-qkv: ") for t in suggestions(

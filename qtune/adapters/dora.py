@@ -26,7 +26,7 @@ from torch import nn
 from quant import QuantLinear
 from quant.formats import can_scale_rows
 from qtune.adapters.lora import _base_weight, fusable, linear_lora_traced, lora_down, traced_base_weight
-from qtune.compile import SAVED_OPS, maybe_compile
+from qtune.compile import SAVED_OPS, keep, maybe_compile
 from qtune.memory import probe
 from qtune.recompute import recomputing
 
@@ -247,6 +247,10 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
     training. A·Wᵀ comes from the forward's dequantized W; n is one operator (dora_row_norms) whose
     output the compiled checkpoint keeps from the forward, so the recomputation does not redo it, as
     the eager node reuses the forward's n; dL/dm = Σ g ⊙ u / n and dL/du = c ⊙ g come out of the graph.
+    dL/dm reads u, so where the layer's output is otherwise not needed in backward (down_proj, whose
+    output only feeds the residual sum: stash_output_for_recompute) or is kept anyway (q, k, v under
+    --keep-qkv: keep_product, in place of the attention's own copies, same bytes), u itself is kept
+    (qtune.compile.keep) and the recomputation skips the base GEMM, as QLoRA's does.
     w_sq: ‖W‖²_row when the layer has it for x's dtype (DoRALinear.prepare_row_sq), else computed here;
     h = x·Aᵀ when already formed (qtune.adapters.lora.group_forward), else one lora_down."""
     base, dtype = layer.base_layer, x.dtype
@@ -258,6 +262,8 @@ def dora_traced(layer: "DoRALinear", x: torch.Tensor, w_sq: torch.Tensor | None 
     if h is None:
         h = lora_down(x, layer.lora_A.to(dtype))
     u = linear_lora_traced(x, w, h, layer.lora_B, layer.scale)
+    if layer.keep_product or layer.stash_output_for_recompute:
+        u = keep(u)  # the checkpoint keeps u: the recomputation skips this base GEMM (dL/dm reads only u)
     y = (u.float() * (layer.magnitude / n)).to(dtype)
     bias = base.bias
     return y if bias is None else y + bias.to(dtype)
@@ -296,6 +302,7 @@ class DoRALinear(nn.Module):
         self._row_sq_key = None  # the (device, dtype) it was computed for
         self._norms = None  # (key, (c, m̃ or n)) of the last forward with grad, for its recomputation
         self.stash_output_for_recompute = False  # set by qtune.recompute where the output only feeds a sum
+        self.keep_product = False  # a compiled layer keeps u from the forward (qtune.kernels.set_keep_qkv: q, k, v)
         self.reset_magnitude()
 
     def base_weight(self) -> torch.Tensor:
