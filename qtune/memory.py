@@ -60,7 +60,43 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters (malloc.h)
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return all(bool(libc.mallopt(param, value)) for param, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
+def keep_freed_memory_for_reuse(trim_threshold: int = 256 * 2**20, mmap_threshold: int = 32 * 2**20) -> bool:
+    """Make glibc keep the memory a training step frees at the top of its heap (up to
+    `trim_threshold` bytes) for the next step's same-sized tensors, instead of handing it back to the
+    OS and faulting fresh zeroed pages in again.
+
+    By default glibc raises its mmap threshold to each large block freed (capped at 32 MiB) and trims
+    the heap's top once more than twice that threshold is free, so every SmolLM2 step (its 22 MiB head
+    chunks, the layers' activations) gave its blocks back and took ~40 000 minor page faults, ≈ 150 MiB
+    of pages zeroed and mapped again. Here the mmap threshold is fixed at that 32 MiB cap (blocks above
+    it are mapped and unmapped as before: a fixed threshold far above it lets posix_memalign's
+    slightly larger requests miss every freed hole, and RSS creep up by a block a step) and only the
+    trimming waits until `trim_threshold` is free. Peak RSS stays what it was: a step's largest live
+    set is the same, and its memory is only not given back between steps. Used for CPU runs whose
+    RSS is not bounded (qtune.train); with --offload disk or --max-memory,
+    release_freed_memory_promptly instead. Returns False where there is no glibc (nothing changed)."""
+    return _mallopt((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold))
+
+
+def configure_host_allocator(device: torch.device, rss_bounded: bool) -> bool:
+    """The allocator policy of a training run: on CPU, give freed memory back promptly where RSS is
+    bounded (--max-memory, --offload disk), else keep it for reuse; nothing on an accelerator."""
+    if device.type != "cpu":
+        return False
+    return release_freed_memory_promptly() if rss_bounded else keep_freed_memory_for_reuse()
 
 
 def release_freed_memory_promptly(threshold: int = 4 * 2**20, arenas: int = 2) -> bool:
@@ -74,13 +110,7 @@ def release_freed_memory_promptly(threshold: int = 4 * 2**20, arenas: int = 2) -
     ≥ `threshold` bytes to its own mapping, unmapped on free, and fewer arenas fragment less. The
     cost is page faults on fresh mappings (~10% of step time at 7B width). Returns False where
     there is no glibc (nothing changed)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
+    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_ARENA_MAX, arenas))
 
 
 def peak_rss_bytes() -> int:

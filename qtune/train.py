@@ -20,7 +20,7 @@ from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_check
 from qtune.config import TrainConfig
 from qtune.data import load_splits
 from qtune.errors import QtuneError
-from qtune.memory import MemoryMeter, current_rss_bytes, peak_rss_bytes, release_freed_memory_promptly
+from qtune.memory import MemoryMeter, configure_host_allocator, current_rss_bytes, peak_rss_bytes
 from qtune.rosa_support import MASK_FILE, choose_supports
 from qtune.model import build_model, causal_lm_loss, decoder_layers, evaluate
 
@@ -135,8 +135,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     device = compute_device()
     warn_if_plan_does_not_fit(cfg, device)
-    if device.type == "cpu" and (cfg.max_memory > 0 or cfg.offload == "disk"):
-        release_freed_memory_promptly()  # RSS is the bounded quantity here
+    configure_host_allocator(device, rss_bounded=cfg.max_memory > 0 or cfg.offload == "disk")
     torch.manual_seed(cfg.seed)
     _warm_up_libraries()
     meter = MemoryMeter(device)  # its baseline: the heap before the model exists

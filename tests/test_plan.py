@@ -147,7 +147,7 @@ def test_max_memory_refuses_before_loading_counting_the_loaded_libraries(tiny_ll
     limit = (need + 2**30 - 4096) / 2**30  # the plan alone fits, plan + libraries does not
     with pytest.raises(QtuneError, match=r"predicts .* GiB .*\+ 1\.00 GiB of loaded libraries.*over --max-memory"):
         qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run"), max_memory=limit), progress=False)
-    monkeypatch.setattr(qt, "release_freed_memory_promptly", lambda: None)  # keep this process's allocator as it is
+    monkeypatch.setattr(qt, "configure_host_allocator", lambda *a, **k: None)  # keep this process's allocator as it is
     with pytest.raises(RuntimeError, match="loading started"):  # with room for both, loading starts
         qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / "run2"), max_memory=limit + 0.01),
                  progress=False)
@@ -182,6 +182,39 @@ print((current_rss_bytes() - before) / 2**20 - 30 * 6)  # beyond the 30 live blo
         res = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True)
         retained[mode] = float(res.stdout.split()[-1])
     assert retained["1"] < 30 and retained["0"] > 120, retained  # MiB still resident of the 180 MiB freed
+
+
+def test_host_allocator_policy_follows_whether_rss_is_bounded(monkeypatch):
+    """A CPU run keeps freed memory for the next step (fewer page faults) unless its RSS is bounded
+    (--max-memory, --offload disk), where freed blocks go back to the OS; an accelerator's host
+    allocator is left alone. The glibc settings are recorded, not applied (they would change this
+    process's allocator)."""
+    import torch
+
+    import qtune.memory as qm
+
+    calls = []
+    monkeypatch.setattr(qm, "_mallopt", lambda *settings: calls.append(dict(settings)) or True)
+    assert qm.configure_host_allocator(torch.device("cpu"), rss_bounded=False)
+    assert calls[-1] == {qm.M_MMAP_THRESHOLD: 32 * 2**20, qm.M_TRIM_THRESHOLD: 256 * 2**20}
+    assert qm.configure_host_allocator(torch.device("cpu"), rss_bounded=True)
+    assert calls[-1] == {qm.M_MMAP_THRESHOLD: 4 * 2**20, qm.M_ARENA_MAX: 2}
+    assert not qm.configure_host_allocator(torch.device("cuda"), rss_bounded=False) and len(calls) == 2
+
+
+def test_train_chooses_the_allocator_policy_from_its_flags(monkeypatch, tmp_path, tiny_llama):
+    import qtune.train as qt
+    from qtune.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(qt, "configure_host_allocator", lambda device, rss_bounded: seen.append(rss_bounded))
+    monkeypatch.setattr(qt, "build_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("loading started")))
+    for kw in ({}, {"max_memory": 64.0}, {"offload": "disk"}):
+        try:
+            qt.train(TrainConfig(model=str(tiny_llama), output=str(tmp_path / f"run{len(seen)}"), **kw), progress=False)
+        except RuntimeError as e:
+            assert "loading started" in str(e)
+    assert seen == [False, True, True]
 
 
 def test_peak_rss_is_the_programs_own_not_its_parents():

@@ -216,10 +216,11 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int) -
 
     from qtune.config import TrainConfig
     from qtune.errors import QtuneError
-    from qtune.memory import MemoryMeter
+    from qtune.memory import MemoryMeter, configure_host_allocator
     from qtune.model import build_model, causal_lm_loss, decoder_layers
     from qtune.train import _trainable, lr_factor, make_optimizer
 
+    configure_host_allocator(torch.device("cpu"), rss_bounded=False)  # as qtune.train does on CPU before loading
     total = warmup + steps
     run_dir = Path(tempfile.mkdtemp(prefix=f"qtune-{method}-", dir=work))
     cfg = TrainConfig(method="qlora" if method == "lora16" else method, bits=16 if method == "lora16" else 4,
