@@ -82,8 +82,8 @@ def keep_freed_memory_for_reuse(trim_threshold: int = 256 * 2**20, mmap_threshol
     the heap's top once more than twice that threshold is free, so every SmolLM2 step (its 22 MiB head
     chunks, the layers' activations) gave its blocks back and took ~40 000 minor page faults, ≈ 150 MiB
     of pages zeroed and mapped again. Here the mmap threshold is fixed at that 32 MiB cap (blocks above
-    it are mapped and unmapped as before: a fixed threshold far above it lets posix_memalign's
-    slightly larger requests miss every freed hole, and RSS creep up by a block a step) and only the
+    it are mapped and unmapped as before; with a 256 MiB threshold a loop of 40 MiB posix_memalign
+    blocks, torch's allocation, missed the freed holes and grew RSS by a block a round) and only the
     trimming waits until `trim_threshold` is free. Peak RSS stays what it was: a step's largest live
     set is the same, and its memory is only not given back between steps. Used for CPU runs whose
     RSS is not bounded (qtune.train); with --offload disk or --max-memory,

@@ -2,6 +2,7 @@
 
     python tools/profile_step.py                      # qlora, 2 warm-up + 3 profiled steps
     python tools/profile_step.py --method qdora --out tools/results/profile_qdora.md
+    python tools/profile_step.py --kernels --top 45   # each compiled kernel (norms, softmax, ...) as its own row
 
 Same setting as tools/bench_peft.py (SmolLM2-135M, Shakespeare rows, seq 256 × batch 4, r 16 on all
 linears, checkpointing, bf16, AdamW). The step is the benchmark's qtune step. Self CPU time of every
@@ -87,8 +88,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     ap.add_argument("--time-only", action="store_true",
                     help="no profiler: print the median wall time of --steps steps (before/after figures)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="list inductor's generated C++ kernels as ops of their own (their time leaves the "
+                         "'Call CompiledFxGraph' rows, whose self time is then the compiled wrapper's)")
     args = ap.parse_args()
     bp.quiet_bitsandbytes()
+    if args.kernels:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # part of the compile cache's key: recompiles once
     import tempfile
 
     import torch
@@ -185,7 +193,8 @@ def main() -> None:
     cfg = bp.json.loads((model_dir / "config.json").read_text())
     flops = bp.step_flops(cfg, bp.BATCH, bp.SEQ_LEN, bp.RANK)
     lines = [f"# Profile of one qtune {args.method} step ({bp._cpu_name()}, {torch.get_num_threads()} threads)", "",
-             f"Setting of tools/bench_peft.py; {args.warmup} warm-up + {n} profiled steps; times per step.",
+             f"Setting of tools/bench_peft.py; {args.warmup} warm-up + {n} profiled steps; times per step."
+             + (" With --kernels: inductor's C++ kernels are rows of their own (`graph_N_cpp_fused_...`)." if args.kernels else ""),
              f"Wall time per step under the profiler: {wall:.3f} s (profiler overhead included).",
              f"Step FLOPs (bench_peft.step_flops): {flops['total'] / 1e9:.0f} GFLOP; bf16 GEMM rate "
              f"{rate['gflops']:.0f} GFLOP/s -> limit {flops['total'] / 1e9 / rate['gflops']:.3f} s/step.", "",
