@@ -130,15 +130,21 @@ def _attention_forward(module, hidden_states, position_embeddings=None, attentio
         module, query_states, key_states, value_states, attention_mask,
         dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-    return module.o_proj(attn_output), attn_weights
+    out = module.o_proj(attn_output)
+    if kept:  # backward reads o_proj's inputs only: its base GEMM leaves the recomputation too
+        out = keep(out)
+    return out, attn_weights
 
 
 def set_keep_qkv(model, flag: bool) -> int:
-    """Whether each routed attention module keeps its q, k (after the rotary embedding) and v from
-    the forward in a compiled, checkpointed layer (qtune.compile.keep) instead of recomputing them in
-    backward: b·t·(q + k + v widths) more bytes per layer held until its backward (SmolLM2 at b4 ×
-    256: 2 MB per layer), for q/k/v's base GEMMs, their adapters' up-projections and the rotary
-    kernel not run again. Returns how many modules were set.
+    """Whether each routed attention module keeps its q, k (after the rotary embedding), v and its
+    output (o_proj's) from the forward in a compiled, checkpointed layer (qtune.compile.keep) instead
+    of recomputing them in backward: b·t·(q + k + v + hidden widths) more bytes per layer held until
+    its backward (SmolLM2 at b4 × 256: 3.2 MB per layer), for q/k/v/o's base GEMMs, their
+    adapters' up-projections and the rotary kernel not
+    run again. o_proj's output feeds only the residual sum, whose backward reads nothing; the
+    adapter's gradients read o_proj's input, which the recomputation still forms (the attention's
+    products). Returns how many modules were set.
     DoRA's projections keep their products u (before the magnitude's scale) instead, and the
     attention none: the magnitude's gradient reads u, which q, k and v after the rotary embedding do
     not give back (qtune.adapters.dora.dora_traced); the same bytes."""

@@ -14,7 +14,8 @@ Each term is computed for qtune's own implementation (what its meter measures):
 - activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h; QDoRA also
   keeps each layer's down_proj output, b·t·h, unless --no-dora-stash; a compiled layer keeps each
   adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down, and with --keep-qkv
-  (default) the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim) plus, during one layer's
+  (default) the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim, and its output, b·t·h,
+  unless DoRA's q/k/v keep their own products) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
@@ -226,6 +227,9 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         if cfg.keep_qkv:  # and q, k, v (qtune.kernels.set_keep_qkv): counted there, not again in the layer's internals
             layer_inputs += L * b * t * qkv_width(config) * c
             saved -= b * t * qkv_width(config) * c
+            own = cfg.method == "qdora" and {"q_proj", "k_proj", "v_proj"} <= set(cfg.target_modules)
+            if not own:  # and the attention's output (o_proj's; qtune.kernels.set_keep_qkv), no internal
+                layer_inputs += L * b * t * config.hidden_size * c
     internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs

@@ -4,6 +4,8 @@ gradients of the eager fused nodes without checkpointing, dequantizing 7 + 7 tim
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -148,8 +150,12 @@ def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
     dora_plan = plan_memory(dora)
     h, i = model.config.hidden_size, model.config.intermediate_size
     stash = model.config.num_hidden_layers * 2 * 32 * h * 2  # compiled QDoRA keeps down_proj's u too: L·b·t·h bf16
-    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs + stash
+    kept_o = stash  # QLoRA keeps the attention's output instead (L·b·t·h bf16), QDoRA its q/k/v products only
+    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs - kept_o + stash
     kv = model.config.num_key_value_heads * (h // model.config.num_attention_heads)
+    kept_qkv = model.config.num_hidden_layers * 2 * 32 * (h + 2 * kv) * 2
+    recomputed = dataclasses.replace(plain, keep_qkv=False)
+    assert plan_memory(plain).layer_inputs - plan_memory(recomputed).layer_inputs == kept_qkv + kept_o
     assert plan_memory(plain).dequant_buffers == (2 * h * h + 2 * h * kv + 3 * h * i) * 2
     assert plan_memory(cfg).dequant_buffers == h * i * 2  # the largest linear, bf16
 
@@ -181,10 +187,10 @@ def test_a_failing_compile_falls_back_to_eager_layers(tiny_llama, tmp_path, monk
 
 def test_kept_qkv_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """--keep-qkv (default): a compiled layer's checkpoint keeps the attention's q, k (after the
-    rotary embedding) and v from the forward (qtune.compile.keep), so its recomputation runs neither
-    q/k/v's base GEMMs nor their adapters' up-projections: 3 + 3 fewer GEMM calls per layer and step,
-    the same dequantizations (backward's input gradients still read the weights), and the loss and
-    gradients of --no-keep-qkv."""
+    rotary embedding), v and output (o_proj's) from the forward (qtune.compile.keep), so its
+    recomputation runs neither q/k/v/o's base GEMMs nor their adapters' up-projections: 4 + 4 fewer
+    GEMM calls per layer and step, the same dequantizations (backward's input gradients still read
+    the weights), and the loss and gradients of --no-keep-qkv."""
     from torch.profiler import ProfilerActivity, profile
 
     from qtune import kernels
@@ -207,8 +213,8 @@ def test_kept_qkv_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, co
     from qtune.loader import load_config
 
     L = load_config(tiny_llama, False).num_hidden_layers
-    assert kept == 3 * L and none == 0  # forward only: the recomputation reads the kept copies
-    assert gemms_r - gemms_k == 6 * L, (gemms_r, gemms_k)
+    assert kept == 4 * L and none == 0  # forward only: the recomputation reads the kept copies
+    assert gemms_r - gemms_k == 8 * L, (gemms_r, gemms_k)
     assert deq_k == deq_r == L * (7 + 7)
     torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])
     assert grads_k.keys() == grads_r.keys()
