@@ -76,8 +76,8 @@ TRAIN_OPTIONS = [
          help="QDoRA + checkpointing: keep down_proj's outputs for backward instead of recomputing them "
               "(faster; one more activation per layer; default on)."),
     _opt("--keep-qkv/--no-keep-qkv", default=None,
-         help="Checkpointing with compiled layers (CPU): keep the attention's q, k, v for backward instead of "
-              "recomputing their GEMMs (faster; one more activation of their width per layer; default on)."),
+         help="Checkpointing with compiled layers (CPU): keep the attention's q, k, v and output for backward "
+              "instead of recomputing their GEMMs (faster; activations of their widths per layer; default on)."),
     _opt("--rosa-density", type=float, help="RoSA sparse density."),
     _opt("--rosa-mask-steps", type=int, help="Batches used to choose RoSA's mask."),
     _opt("--rank", type=int, help="Adapter rank r (default 16)."),
