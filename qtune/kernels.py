@@ -140,11 +140,10 @@ def set_keep_qkv(model, flag: bool) -> int:
     """Whether each routed attention module keeps its q, k (after the rotary embedding), v and its
     output (o_proj's) from the forward in a compiled, checkpointed layer (qtune.compile.keep) instead
     of recomputing them in backward: b·t·(q + k + v + hidden widths) more bytes per layer held until
-    its backward (SmolLM2 at b4 × 256: 3.2 MB per layer), for q/k/v/o's base GEMMs, their
-    adapters' up-projections and the rotary kernel not
-    run again. o_proj's output feeds only the residual sum, whose backward reads nothing; the
-    adapter's gradients read o_proj's input, which the recomputation still forms (the attention's
-    products). Returns how many modules were set.
+    its backward (SmolLM2 at b4 × 256: 3.2 MB per layer), for q/k/v/o's base GEMMs, their adapters'
+    up-projections and the rotary kernel not run again. o_proj's output feeds only the residual
+    sum, whose backward reads nothing; its adapter's gradients read o_proj's input, which the
+    recomputation still forms (the attention's products). Returns how many modules were set.
     DoRA's projections keep their products u (before the magnitude's scale) instead, and the
     attention none: the magnitude's gradient reads u, which q, k and v after the rotary embedding do
     not give back (qtune.adapters.dora.dora_traced); the same bytes."""
