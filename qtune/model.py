@@ -144,7 +144,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens).
 
     The (tokens × vocab) logits never exist at once: ChunkedCrossEntropy runs the head and an
-    fp32 log-softmax over chunks of positions (default: what fits CE_CHUNK_BYTES) and computes
+    fp32 log-softmax over chunks of positions (default: what fits CE_CHUNK_BYTES; with torch.compile
+    on, over blocks of the vocabulary too) and computes
     each chunk's gradient in the same pass, so only the (tokens × hidden) gradient is kept.
     """
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (b, t, h)
@@ -152,38 +153,81 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])     # (b·(t-1), h)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]             # (n, h), (n,)
-    weight = model.lm_head.weight
-    chunk = chunk_tokens or ce_chunk_tokens(weight.shape[0])
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk), int(targets.numel())
+    return ChunkedCrossEntropy.apply(hidden, model.lm_head.weight, targets, chunk_tokens), int(targets.numel())
 
 
 CE_CHUNK_BYTES = 64 * 2**20
-CE_BYTES_PER_LOGIT = 6  # per chunk: the head's bf16 output (2) and its fp32 copy (4), alive together for a moment
+CE_BYTES_PER_LOGIT = 6  # eager chunk: the head's bf16 output (2) and its fp32 copy (4), alive together for a moment
+CE_VOCAB_BLOCK = 4096   # compiled path: logits formed for this many vocabulary entries at a time
+CE_BLOCK_BYTES_PER_LOGIT = 4  # compiled path: a block's bf16 head output and its bf16 exp, alive together
+CE_BLOCK_BYTES_PER_ROW_HIDDEN = 10  # and per row and hidden unit: the block's e·W (bf16) and the fp32 sum, twice
 
 
 def ce_chunk_tokens(vocab: int) -> int:
-    """Positions per cross-entropy chunk so that one chunk's logits take ~64 MiB."""
+    """Positions per eager cross-entropy chunk so that one chunk's logits take ~64 MiB."""
     return max(32, min(4096, CE_CHUNK_BYTES // (vocab * CE_BYTES_PER_LOGIT)))
 
 
-@maybe_compile
-def _chunk_loss_and_grad(head: torch.Tensor, targets: torch.Tensor):
-    """One chunk's (Σ CE, dCE/dz) from its head output z (c, V) in the compute dtype.
+def ce_block_rows(vocab: int, hidden: int) -> int:
+    """Positions per chunk of the compiled (vocabulary-blocked) cross-entropy so that its working set,
+    one block's logits and the chunk's (rows, hidden) fp32 sums, takes ~64 MiB."""
+    per_row = min(vocab, CE_VOCAB_BLOCK) * CE_BLOCK_BYTES_PER_LOGIT + hidden * CE_BLOCK_BYTES_PER_ROW_HIDDEN
+    return max(32, min(4096, CE_CHUNK_BYTES // per_row))
 
-    With m = max z and s = Σ exp(z − m) per row: loss = log s + m − z_y in fp32, dCE/dz = exp(z − m)/s
-    − onehot(y), computed in fp32 and returned in z's dtype. Written as a softmax (not logsumexp)
-    with the target's −1 put in by one scatter of c values, inductor runs max, sum and the gradient
-    in one loop per row while the row is in cache, with no per-logit compare against y: about half
-    the time of the logsumexp/one-hot form (tools/bench_ce_chunk.py: 0.52×)."""
-    logits = head.float()
-    m = logits.amax(dim=1, keepdim=True)                                   # (c, 1)
-    e = torch.exp(logits - m)
-    s = e.sum(dim=1, keepdim=True)                                         # (c, 1)
-    grad = (e / s).to(head.dtype)          # this order: the gather below stays out of the row loop
-    z_y = logits.gather(1, targets[:, None])                               # (c, 1)
+
+@maybe_compile
+def _block_softmax(z: torch.Tensor, targets: torch.Tensor, start: int, m: torch.Tensor, s: torch.Tensor,
+                   z_y: torch.Tensor):
+    """One vocabulary block's step of an online softmax over a chunk's rows (as flash attention does
+    over keys): z (c, v) the head's output for vocabulary [start, start + v), in the compute dtype;
+    m, s (c,) fp32 the running max and Σ exp(z − m) over the blocks before; z_y (c,) the target's
+    logit where it was seen. Returns e = exp(z − m') in z's dtype, m', s' = s·α + Σ e, α = exp(m − m')
+    (what the blocks before must be rescaled by) and z_y' (the target's logit if it is in this block)."""
+    zf = z.float()
+    m_new = torch.maximum(m, zf.amax(dim=1))
+    alpha = torch.exp(m - m_new)
+    e = torch.exp(zf - m_new[:, None])
+    s_new = s * alpha + e.sum(dim=1)
+    local = targets - start
+    inside = (local >= 0) & (local < z.shape[1])
+    seen = zf.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+    return e.to(z.dtype), m_new, s_new, alpha, torch.where(inside, seen, z_y)
+
+
+@maybe_compile
+def _rescale_add(acc: torch.Tensor, alpha: torch.Tensor, ew: torch.Tensor) -> torch.Tensor:
+    """acc·α + e·W_block: the chunk's running Σ_v exp(z_v − m)·W_v (fp32), rescaled to the new max."""
+    return acc * alpha[:, None] + ew.float()
+
+
+def _blocked_loss_and_grad(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, need_grad: bool):
+    """One chunk's (Σ CE, dCE/dh) with the vocabulary in blocks of CE_VOCAB_BLOCK (torch.compile on).
+
+    With m the row max of z = h·Wᵀ and s = Σ_v exp(z_v − m): loss = log s + m − z_y and
+    dCE/dh = (softmax(z) − onehot(y))·W = (Σ_v exp(z_v − m)·W_v)/s − W_y. Both sums run over the
+    vocabulary blocks online (_block_softmax, _rescale_add), so each block of W is read by its two
+    GEMMs (z's and e·W's) while it is in cache, where a full-vocabulary chunk streams all of W (V × h)
+    from memory for each of them, and no chunk's (rows × V) logits exist at once. SmolLM2's head at
+    b4 × 256 (tools/bench_ce_chunk.py): see its results. The logits are the bf16 GEMM's, as in the
+    eager path; e·W accumulates in fp32 and − W_y is taken there (the eager path subtracts 1 from
+    the target's bf16 probability before the GEMM)."""
+    c = h.shape[0]
+    m = torch.full((c,), float("-inf"), dtype=torch.float32, device=h.device)
+    s = torch.zeros(c, dtype=torch.float32, device=h.device)
+    z_y = torch.zeros(c, dtype=torch.float32, device=h.device)
+    acc = torch.zeros(c, h.shape[1], dtype=torch.float32, device=h.device) if need_grad else None
+    for start in range(0, weight.shape[0], CE_VOCAB_BLOCK):
+        w = weight[start:start + CE_VOCAB_BLOCK]
+        z = F.linear(h, w)                                           # (c, v) in the compute dtype
+        e, m, s, alpha, z_y = _block_softmax(z, y, start, m, s, z_y)
+        probe()  # the block's peak: z and e
+        del z
+        if need_grad:
+            acc = _rescale_add(acc, alpha, e @ w)                    # (c, v) @ (v, h)
     loss = (torch.log(s) + m - z_y).sum()
-    p_y = torch.exp(z_y - m) / s
-    return loss, grad.scatter(1, targets[:, None], (p_y - 1.0).to(head.dtype))
+    if not need_grad:
+        return loss, None
+    return loss, (acc / s[:, None] - weight[y].float()).to(h.dtype)
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -193,26 +237,30 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     dloss/dh = (p − onehot(y)) W. Doing this per chunk while z is at hand means no chunk's logits
     are kept for backward (and no second head GEMM to recompute them); backward only scales the
     stored (n, h) gradient. The head W (lm_head / tied embedding) is frozen.
-    With torch.compile on (qtune.compile) the softmax/gradient of a chunk is one fused kernel;
-    eagerly it is computed in place, keeping the chunk at ~6 bytes per logit.
+    With torch.compile on (qtune.compile), each chunk also runs over the
+    vocabulary in blocks (_blocked_loss_and_grad: an online softmax, compiled kernels; chunks of
+    ce_block_rows positions); otherwise (chunks of ce_chunk_tokens positions) the softmax is
+    computed in place, keeping the chunk at ~6 bytes per logit. `chunk`: positions per chunk
+    (None: the path's default).
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int | None = None) -> torch.Tensor:
         need_grad = hidden.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None  # (n, h)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        fused = need_grad and qtune_compile_enabled()
+        blocked = qtune_compile_enabled()
+        chunk = chunk or (ce_block_rows(weight.shape[0], weight.shape[1]) if blocked else ce_chunk_tokens(weight.shape[0]))
         for i in range(0, targets.numel(), chunk):
             h, y = hidden[i:i + chunk], targets[i:i + chunk]
-            head = F.linear(h, weight)                            # (c, V) in the compute dtype
-            if fused:
-                loss, grad_z = _chunk_loss_and_grad(head, y)      # fp32 scalar, (c, V) compute dtype
-                probe()  # the chunk's peak: head and its gradient
-                del head
+            if blocked:
+                loss, grad_h = _blocked_loss_and_grad(h, weight, y, need_grad)
                 total += loss
-                grad_hidden[i:i + chunk] = grad_z @ weight         # (c, V) @ (V, h)
+                if need_grad:
+                    grad_hidden[i:i + chunk] = grad_h
                 continue
+            head = F.linear(h, weight)                            # (c, V) in the compute dtype
             logits = head.float()                                 # (c, V) fp32
             probe()  # the chunk's peak: both copies alive
             del head

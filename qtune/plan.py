@@ -19,9 +19,11 @@ Each term is computed for qtune's own implementation (what its meter measures):
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
-- logits: qtune's chunked cross-entropy holds one chunk's logits (bf16 head output + fp32 logits,
-  turned into the softmax in place) plus the final hidden states and their gradient, never
-  batch × seq × vocab at once.
+- logits: qtune's chunked cross-entropy holds, with torch.compile on, one vocabulary block's logits
+  for a chunk of positions (bf16 head output + its bf16 exp) and the chunk's fp32 sums of exp·W;
+  eagerly, one chunk's full-vocabulary logits (bf16 head output + fp32 logits, turned into the
+  softmax in place); plus the final hidden states and their gradient, never batch × seq × vocab
+  at once.
 - dequantization buffers: the largest decoder linear dequantized to the compute dtype (one at a time);
   with compiled decoder layers (qtune.compile, CPU), all of one layer's linears: its compiled
   backward recomputes them together.
@@ -39,7 +41,9 @@ from torch import nn
 
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
-from qtune.model import CE_BYTES_PER_LOGIT, attention_implementation, ce_chunk_tokens, compiles_layers
+from qtune import compile as qcompile
+from qtune.model import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT, CE_VOCAB_BLOCK,
+                         attention_implementation, ce_block_rows, ce_chunk_tokens, compiles_layers)
 from quant import QuantLinear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -233,9 +237,13 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
-    chunk = min(ce_chunk_tokens(config.vocab_size), b * t)
-    # one chunk's logits, plus the final hidden states and their gradient (n, h)
-    logits = chunk * config.vocab_size * CE_BYTES_PER_LOGIT + 2 * b * t * config.hidden_size * c
+    vocab, hidden = config.vocab_size, config.hidden_size
+    if cfg.compile and qcompile.env_enabled():  # one vocabulary block's logits and the chunk's sums (qtune.model)
+        chunk = min(ce_block_rows(vocab, hidden), b * t)
+        logits = chunk * (min(vocab, CE_VOCAB_BLOCK) * CE_BLOCK_BYTES_PER_LOGIT + hidden * CE_BLOCK_BYTES_PER_ROW_HIDDEN)
+    else:  # one chunk's full-vocabulary logits
+        logits = min(ce_chunk_tokens(vocab), b * t) * vocab * CE_BYTES_PER_LOGIT
+    logits += 2 * b * t * hidden * c  # and the final hidden states and their gradient (n, h)
     sizes = [m.in_features * m.out_features for m in linears.values()]
     if cfg.bits == 16:
         dequant = 0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOL
-from qtune.model import ChunkedCrossEntropy, causal_lm_loss, ce_chunk_tokens
+from qtune.model import ChunkedCrossEntropy, causal_lm_loss, ce_block_rows, ce_chunk_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -31,6 +31,44 @@ def test_chunked_cross_entropy_equals_full_logits(dtype, chunk):
 def test_chunk_size_bounds_the_logits():
     assert ce_chunk_tokens(49152) * 49152 * 6 <= 64 * 2**20
     assert ce_chunk_tokens(10) == 4096 and ce_chunk_tokens(10**9) == 32
+    # the compiled path: one vocabulary block's logits (4 bytes each) and the rows' sums (10 bytes a unit)
+    assert ce_block_rows(49152, 576) * (4096 * 4 + 576 * 10) <= 64 * 2**20 < (ce_block_rows(49152, 576) + 1) * (4096 * 4 + 576 * 10)
+    assert ce_block_rows(10, 8) == 4096 and ce_block_rows(10**9, 10**6) == 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_vocabulary_blocked_cross_entropy_against_fp64(dtype, chunk, monkeypatch):
+    """The compiled path's online softmax over vocabulary blocks (five of 64 columns, the last one of
+    44; targets in every block, chunks of 32 rows or one chunk) against the loss and gradient of
+    softmax(hWᵀ) − onehot(y) computed in fp64 on the full logits; evaluation (no gradient) gives the
+    same loss."""
+    import qtune.compile as qc
+    import qtune.model as qm
+
+    monkeypatch.setattr(qc, "_enabled", True)
+    monkeypatch.setattr(qm, "CE_VOCAB_BLOCK", 64)
+    torch.manual_seed(0)
+    n, h, vocab = 70, 16, 300
+    weight = torch.randn(vocab, h, dtype=dtype) * 0.3
+    targets = torch.randint(vocab, (n,))
+    targets[:5] = torch.tensor([0, 63, 64, 256, 299])  # block edges
+    hidden = (torch.randn(n, h) * 2).to(dtype).requires_grad_()
+    loss = ChunkedCrossEntropy.apply(hidden, weight, targets, chunk)
+    (loss * 0.5).backward()
+    assert not qc._failed, "torch.compile failed on this machine; the blocked path was not tested"
+    z = hidden.detach().double() @ weight.double().T
+    ref = (torch.logsumexp(z, 1) - z[torch.arange(n), targets]).sum()
+    p = torch.softmax(z, 1)
+    p[torch.arange(n), targets] -= 1
+    ref_grad = 0.5 * p @ weight.double()
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=0.5, rtol=1e-2)  # bf16 logits
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(hidden.grad.double(), ref_grad, **(dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32
+                                                                  else dict(atol=2e-2, rtol=2e-2)))
+    with torch.no_grad():
+        torch.testing.assert_close(ChunkedCrossEntropy.apply(hidden.detach(), weight, targets, chunk), loss.detach(),
+                                   **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
