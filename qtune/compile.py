@@ -97,7 +97,14 @@ _compiled_checkpoint = None
 SAVED_OPS: set = set()
 
 
-@torch.library.custom_op("qtune::keep", mutates_args=())
+# the tag of qtune's operators whose math does not depend on their inputs' strides: inductor may then
+# hand them any layout, and one buffer to every operator that reads the same value. Without it, each
+# custom operator's input is laid out afresh for it: a layer's normed input was written four times
+# in the forward (once for the grouped down-projection, once for each of q, k and v's linear_lora)
+FLEXIBLE = (torch.Tag.flexible_layout,) if hasattr(torch.Tag, "flexible_layout") else ()
+
+
+@torch.library.custom_op("qtune::keep", mutates_args=(), tags=FLEXIBLE)
 def keep(x: torch.Tensor) -> torch.Tensor:
     """x (a copy): a tensor that a compiled layer's checkpoint keeps from the forward (SAVED_OPS),
     so that its recomputation skips what produced it when backward reads nothing else from there

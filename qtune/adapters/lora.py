@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.compile import SAVED_OPS
+from qtune.compile import FLEXIBLE, SAVED_OPS
 from qtune.memory import probe
 from qtune.recompute import can_skip
 from quant import QuantLinear
@@ -115,7 +115,7 @@ def add_lora_traced(y: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scal
     return out.view(y.shape)
 
 
-@torch.library.custom_op("qtune::linear_lora", mutates_args=())
+@torch.library.custom_op("qtune::linear_lora", mutates_args=(), tags=FLEXIBLE)
 def linear_lora(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
     """y = x·wᵀ + h·b_sᵀ, (..., in) x (out, in) and (..., r) x (out, r) -> (..., out): a frozen base's
     GEMM with the adapter's up-projection accumulated into its output in place (addmm_), as the eager
@@ -159,7 +159,7 @@ def linear_lora_traced(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, lora_B
     return linear_lora(x, w, h, (lora_B * scale).to(x.dtype))
 
 
-@torch.library.custom_op("qtune::lora_down", mutates_args=())
+@torch.library.custom_op("qtune::lora_down", mutates_args=(), tags=FLEXIBLE)
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """h = x·aᵀ, (..., in) x (r, in) -> (..., r): the adapters' down-projection in a compiled layer.
     One operator so that the layer's checkpoint keeps h from the forward (qtune.compile.SAVED_OPS:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.adapters.lora import add_lora_traced, fusable, lora_down, lora_forward, traced_base_weight
-from qtune.compile import maybe_compile
+from qtune.compile import FLEXIBLE, maybe_compile
 from qtune.recompute import can_skip
 
 
@@ -164,7 +164,7 @@ def _fold_traced(w: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -
     return flat.index_put((indices,), (flat[indices].float() + values.float()).to(w.dtype)).view(w.shape)
 
 
-@torch.library.custom_op("qtune::rosa_linear", mutates_args=())
+@torch.library.custom_op("qtune::rosa_linear", mutates_args=(), tags=FLEXIBLE)
 def rosa_linear(x: torch.Tensor, w_s: torch.Tensor, values: torch.Tensor,
                 crow: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """x·(W + S)ᵀ for w_s = W + S (out, in) in x's dtype, already folded (_fold_traced of the detached
