@@ -57,14 +57,18 @@ def mm_flops(name: str, shapes: list) -> float:
 
 
 def gemm_kind(name: str, shapes: list, rank: int, vocab: int) -> str:
-    """Which product of the step a GEMM call is, from its operands' shapes. An adapter product has
+    """Which product of the step a GEMM call is, from its operands' shapes. The head's products
+    span the vocabulary, or one block of it (compiled: qtune.model.CE_VOCAB_BLOCK rows; no base
+    dimension of SmolLM2 is 4096). An adapter product has
     r columns or rows, or 2r / 3r where the linears that read one x share it (gate/up, q/k/v:
     qtune.adapters.lora.group_forward). At the benchmark's rank 16 no base dimension of SmolLM2 is
     that thin; its thinnest, k/v's 192, is 3·64, so at rank 64 those would be counted as adapters."""
+    from qtune.model import CE_VOCAB_BLOCK
+
     dims = [d for sh in gemm_operands(name, shapes) for d in sh]
     if name in ("aten::bmm", "aten::baddbmm"):
         return "attention (batched)"
-    if vocab in dims:
+    if vocab in dims or min(vocab, CE_VOCAB_BLOCK) in dims:
         return "head (loss chunks)"
     if any(d in dims for d in (rank, 2 * rank, 3 * rank)):
         return f"adapters (rank {rank})"
@@ -85,6 +89,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--plays", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--shapes", type=int, default=0, help="also list the N GEMM shapes losing the most time")
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     ap.add_argument("--time-only", action="store_true",
                     help="no profiler: print the median wall time of --steps steps (before/after figures)")
@@ -208,17 +213,19 @@ def main() -> None:
               f"Top {args.top} ops by self CPU time:", "", "| op | calls/step | self s/step | group |", "|---|---|---|---|"]
     for self_s, key, count in rows[:args.top]:
         lines.append(f"| `{key}` | {count / n:.0f} | {self_s / n:.4f} | {group_of(key)} |")
-    lines += gemm_table(prof, n, cfg["vocab_size"], rate["gflops"])
+    lines += gemm_table(prof, n, cfg["vocab_size"], rate["gflops"], args.shapes)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
         Path(args.out).write_text(text)
 
 
-def gemm_table(prof, n: int, vocab: int, big_rate: float) -> list[str]:
+def gemm_table(prof, n: int, vocab: int, big_rate: float, top_shapes: int = 0) -> list[str]:
     """The step's GEMMs grouped by kind (gemm_kind): calls, GFLOP, seconds and rate per step, and the
-    time the same calls would take at the 2048³ rate."""
+    time the same calls would take at the 2048³ rate; then the `top_shapes` operand shapes that lose
+    the most time against that rate."""
     kinds: dict[str, dict] = defaultdict(lambda: {"calls": 0, "flops": 0.0, "s": 0.0})
+    by_shape = []
     for e in prof.key_averages(group_by_input_shape=True):
         if group_of(e.key) != "gemm":
             continue
@@ -226,7 +233,10 @@ def gemm_table(prof, n: int, vocab: int, big_rate: float) -> list[str]:
         flops = mm_flops(e.key, shapes)
         if not flops:
             continue
-        k = kinds[gemm_kind(e.key, shapes, bp.RANK, vocab)]
+        kind = gemm_kind(e.key, shapes, bp.RANK, vocab)
+        k = kinds[kind]
+        by_shape.append((e.self_cpu_time_total / 1e6 / n - flops * e.count / n / 1e9 / big_rate, e.key,
+                         shapes, kind, e.count / n, e.self_cpu_time_total / 1e6 / n, flops * e.count / n))
         k["calls"] += e.count / n
         k["flops"] += flops * e.count / n
         k["s"] += e.self_cpu_time_total / 1e6 / n
@@ -240,6 +250,12 @@ def gemm_table(prof, n: int, vocab: int, big_rate: float) -> list[str]:
             total[key] += k[key]
     lines.append(f"| all | {total['calls']:.0f} | {total['flops'] / 1e9:.0f} | {total['s']:.3f} | "
                  f"{total['flops'] / 1e9 / max(total['s'], 1e-9):.0f} | {total['flops'] / 1e9 / big_rate:.3f} |")
+    if top_shapes:
+        lines += ["", f"The {top_shapes} GEMM shapes that lose the most time against the 2048³ rate, per step:", "",
+                  "| op | operand shapes | kind | calls | s | GFLOP/s | s lost |", "|---|---|---|---|---|---|---|"]
+        for lost, key, shapes, kind, calls, secs, fl in sorted(by_shape, key=lambda r: -r[0])[:top_shapes]:
+            lines.append(f"| `{key}` | {' '.join('x'.join(map(str, sh)) for sh in shapes if sh)} | {kind} | {calls:.0f} | "
+                         f"{secs:.4f} | {fl / 1e9 / max(secs, 1e-9):.0f} | {lost:.4f} |")
     return lines
 
 
