@@ -104,7 +104,8 @@ TRAIN_OPTIONS = [
     _opt("--seed", type=int, help="Seed of data order, init and dropout (default 0)."),
     _opt("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
          help="Recompute activations in backward (default on)."),
-    _opt("--compute-dtype", help="bfloat16 (default) | float32 | float16."),
+    _opt("--compute-dtype", help="auto (default: bfloat16 on GPUs and CPUs with bf16 kernels, float32 on "
+         "AVX2-only CPUs) | bfloat16 | float32 | float16."),
     _opt("--offload", help="Frozen base: none (default) | cpu (host memory, per-use copy to the GPU) | "
                            "disk (read from the quantized files at each use; bounded memory)."),
     _opt("--offload-activations/--no-offload-activations", default=None,

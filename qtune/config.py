@@ -107,8 +107,11 @@ class TrainConfig:
     """Seed of data order, adapter init and dropout."""
     gradient_checkpointing: bool = True
     """Recompute each decoder layer's activations in backward instead of keeping them."""
-    compute_dtype: str = "bfloat16"
-    """dtype of activations and dequantized weights: bfloat16 | float32 | float16."""
+    compute_dtype: str = "auto"
+    """dtype of activations and dequantized weights: auto | bfloat16 | float32 | float16. auto: bfloat16
+    on GPUs that have it (else float16) and on CPUs with bf16 matrix kernels (AVX-512, Arm BF16), float32
+    on other CPUs, where bf16 GEMMs run tens of times slower (qtune.precision). A run's run.yaml holds
+    the dtype it resolved to."""
     offload: str = "none"
     """Where the frozen quantized base lives: none (compute device) | cpu (host memory, copied per use;
     on a CPU-only machine the same as none) | disk (read from the quantized files per use)."""
@@ -151,8 +154,8 @@ class TrainConfig:
         _check(self.optim in OPTIMIZERS, f"unknown --optim {self.optim!r}", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"), f"unknown --lr-scheduler {self.lr_scheduler!r}",
                "use cosine, linear or constant")
-        _check(self.compute_dtype in ("bfloat16", "float32", "float16"),
-               f"unknown --compute-dtype {self.compute_dtype!r}", "use bfloat16, float32 or float16")
+        _check(self.compute_dtype in ("auto", "bfloat16", "float32", "float16"),
+               f"unknown --compute-dtype {self.compute_dtype!r}", "use auto, bfloat16, float32 or float16")
         _check(self.rank > 0, f"--rank must be positive, got {self.rank}", "pass e.g. --rank 16")
         _check(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}", "pass e.g. --seq-len 512")
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. --batch-size 4")

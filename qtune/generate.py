@@ -31,13 +31,14 @@ def generate_text(prompt: str, run_dir: str | None = None, model: str | None = N
 
         _, m, tok, _, _ = load_run(Path(run_dir), progress=False)
     else:
-        from qtune.loader import load_config, load_tokenizer, resolve_model_dir
+        from qtune.loader import DTYPES, load_config, load_tokenizer, resolve_model_dir
+        from qtune.precision import resolve_compute_dtype
         from transformers import AutoModelForCausalLM
 
         folder = resolve_model_dir(model)
         load_config(folder)
         tok = load_tokenizer(folder)
-        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[resolve_compute_dtype("auto", "cpu")])
     return generate_with(m, tok, prompt, max_new_tokens)
 
 

@@ -19,6 +19,7 @@ from qtune.base_init import load_initialised_base
 from qtune.rosa_support import restore_supports
 from qtune.config import TrainConfig
 from qtune.memory import probe
+from qtune.precision import resolve_compute_dtype
 from qtune.loader import DTYPES, QuantSpec, load_config, load_model, load_tokenizer, resolve_model_dir
 
 IGNORE_INDEX = -100
@@ -36,7 +37,9 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     with meter.excluding() if meter is not None else contextlib.nullcontext():
         tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     quant = QuantSpec(cfg.bits, cfg.quant_type, cfg.double_quant)
-    dtype = DTYPES[cfg.compute_dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where qtune.train will run it
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device, warn=False)  # train() warned already
+    dtype = DTYPES[compute_dtype]
     factors, report = None, None
     qcompile.set_enabled(cfg.compile and qcompile.env_enabled())
     if cfg.init == "default":
@@ -49,9 +52,8 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         set_initial_factors(model, factors)
     restore_supports(model, run_dir)  # RoSA: the masks chosen when the run started
     kernels.fuse_elementwise(model)  # RMSNorm, SiLU·up, rotary: one compiled kernel each (qtune.kernels)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where qtune.train will run it
     model.set_attn_implementation(attention_implementation(model.config, cfg.batch_size, cfg.seq_len,
-                                                           cfg.gradient_checkpointing, cfg.compute_dtype, device))
+                                                           cfg.gradient_checkpointing, compute_dtype, device))
     if cfg.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (no need to make embeddings require grad);
         # context_fn lets the recomputation skip down_proj's base GEMM (qtune.recompute)

@@ -34,6 +34,7 @@ bound it (see Plan.total_bytes), which is what the meter's peak_memory_bytes mea
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,6 +42,7 @@ from torch import nn
 
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
+from qtune.precision import resolve_compute_dtype
 from qtune import compile as qcompile
 from qtune.model import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT, CE_VOCAB_BLOCK,
                          attention_implementation, ce_block_rows, ce_chunk_tokens, compiles_layers)
@@ -174,6 +176,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     if cfg.method not in ADAPTER_LAYERS:
         raise QtuneError(f"Method {cfg.method!r} is not available. Use one of {', '.join(sorted(ADAPTER_LAYERS))}.")
     config = _config_for(cfg.model, cfg.trust_remote_code, load_config)
+    if cfg.compute_dtype == "auto":  # what the run on `device` will pick (qtune.precision)
+        cfg = dataclasses.replace(cfg, compute_dtype=resolve_compute_dtype("auto", device))
     c = DTYPE_BYTES[cfg.compute_dtype]
     skeleton = build_skeleton(config, torch.bfloat16 if c == 2 else torch.float32)
     linears = {n: m for n, m in skeleton.named_modules() if n in set(quantized_linear_names(skeleton))}

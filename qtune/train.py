@@ -23,6 +23,7 @@ from qtune.errors import QtuneError
 from qtune.memory import MemoryMeter, configure_host_allocator, current_rss_bytes, peak_rss_bytes
 from qtune.rosa_support import MASK_FILE, choose_supports
 from qtune.model import build_model, causal_lm_loss, decoder_layers, evaluate
+from qtune.precision import resolve_compute_dtype
 
 RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile")  # flags that may differ on --resume (same math)
 
@@ -59,6 +60,8 @@ def resume_config(run_dir: Path, flags: dict) -> TrainConfig:
     saved = TrainConfig.from_dict(load_run_yaml(run_dir))
     saved.output = str(run_dir)  # the folder being resumed, wherever the run was first written
     given = TrainConfig.from_dict({**saved.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
+    if given.compute_dtype == "auto":  # what it picks on this machine is what must match the run's dtype
+        given.compute_dtype = resolve_compute_dtype("auto", compute_device().type)
     diffs = [f"{k}: run has {getattr(saved, k)!r}, flag says {getattr(given, k)!r}"
              for k in saved.to_dict() if k not in RESUME_FREE_KEYS and getattr(saved, k) != getattr(given, k)]
     if diffs:
@@ -132,8 +135,9 @@ def micro_batch_rows(index: int, n_rows: int, batch_size: int, seed: int) -> tor
 
 def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary. Writes run.yaml, metrics.jsonl, checkpoints/, loss.png."""
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
     device = compute_device()
+    cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device.type)  # run.yaml holds what "auto" chose
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
     warn_if_plan_does_not_fit(cfg, device)
     configure_host_allocator(device, rss_bounded=cfg.max_memory > 0 or cfg.offload == "disk")
     torch.manual_seed(cfg.seed)

@@ -138,13 +138,13 @@ def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
     handle = layer.self_attn.q_proj.base_layer.register_forward_hook(lambda *a: None)
     assert not compilable_layer(layer)
     handle.remove()
-    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
+    cfg = TrainConfig(model=str(tiny_llama), data="x", compute_dtype="bfloat16", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
                       gradient_checkpointing=True, **kw)
     assert not compiles_layers(cfg)
-    plain = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
+    plain = TrainConfig(model=str(tiny_llama), data="x", compute_dtype="bfloat16", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
                         gradient_checkpointing=True)
     assert compiles_layers(plain) and not compiles_layers(plain, device="cuda")
-    dora = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
+    dora = TrainConfig(model=str(tiny_llama), data="x", compute_dtype="bfloat16", output=str(tmp_path / "p"), rank=4, seq_len=32, batch_size=2,
                        gradient_checkpointing=True, method="qdora")
     assert compiles_layers(dora)
     dora_plan = plan_memory(dora)

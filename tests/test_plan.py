@@ -21,7 +21,7 @@ def test_nf4_bytes_by_hand():
 
 
 def test_plan_of_a_small_config_by_hand(tiny_llama):
-    cfg = TrainConfig(model=str(tiny_llama), rank=4, batch_size=2, seq_len=32)
+    cfg = TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L, V = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], config["vocab_size"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
@@ -33,10 +33,10 @@ def test_plan_of_a_small_config_by_hand(tiny_llama):
     assert p.trainable_params == trainable
     assert (p.adapter_params, p.adapter_grads, p.optimizer_states) == (4 * trainable, 4 * trainable, 8 * trainable)
     assert p.total_bytes == p.persistent + max(p.loss_phase, p.backward_phase)
-    dora = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, method="qdora"))
-    assert dora.trainable_params - plan_memory(TrainConfig(model=str(tiny_llama), rank=4)).trainable_params == \
+    dora = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, method="qdora"))
+    assert dora.trainable_params - plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4)).trainable_params == \
         L * sum(o for o, _ in shapes)
-    bits16 = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, bits=16))
+    bits16 = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, bits=16))
     assert bits16.base_weights > p.base_weights and bits16.dequant_buffers == 0
 
 
@@ -51,19 +51,19 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     b, t, c = 2, 32, 2
     monkeypatch.setenv("QTUNE_COMPILE", "1")  # as in a user's run (the suite runs eagerly)
-    compiled = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"))
+    compiled = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora"))
     qkv = h + 2 * kv  # and, with --keep-qkv (default), each layer's q, k, v
     assert compiled.layer_inputs == L * b * t * (2 * h + 7 * 4 + qkv) * c
-    lean = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora",
+    lean = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora",
                                    keep_qkv=False))
     assert lean.layer_inputs == L * b * t * (2 * h + 7 * 4) * c
     # the layer in backward has its q, k, v among the kept ones, not twice
     assert compiled.activations - lean.activations == (L - 1) * b * t * qkv * c
     assert any(t.startswith("--no-keep-qkv: ") for t in suggestions(
-        TrainConfig(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, method="qdora"), 2**40))
-    assert not any("dora" in t for t in suggestions(TrainConfig(model=str(tiny_llama), rank=4, batch_size=b,
-                                                                seq_len=t, method="qdora"), 2**40))
-    base = dict(model=str(tiny_llama), rank=4, batch_size=b, seq_len=t, compile=False)
+        TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora"), 2**40))
+    assert not any("dora" in t for t in suggestions(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4,
+                                                                batch_size=b, seq_len=t, method="qdora"), 2**40))
+    base = dict(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, compile=False)
     lora = plan_memory(TrainConfig(**base))
     on = plan_memory(TrainConfig(**base, method="qdora"))
     off = plan_memory(TrainConfig(**base, method="qdora", dora_stash=False))
@@ -125,11 +125,11 @@ def test_offload_disk_plans_two_linears_of_the_base(tiny_llama):
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     per_linear = [quantized_linear_bytes(o * n, 4) for o, n in [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]]
-    on = plan_memory(TrainConfig(model=str(tiny_llama), rank=4))
-    disk = plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="disk"))
+    on = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4))
+    disk = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, offload="disk"))
     assert disk.base_weights == on.base_weights - L * sum(per_linear) + 2 * max(per_linear)
-    assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu")).base_weights == on.base_weights  # CPU: host = device
-    assert plan_memory(TrainConfig(model=str(tiny_llama), rank=4, offload="cpu"), "cuda").base_weights == disk.base_weights
+    assert plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, offload="cpu")).base_weights == on.base_weights  # CPU: host = device
+    assert plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, offload="cpu"), "cuda").base_weights == disk.base_weights
 
 
 def test_max_memory_refuses_before_loading_counting_the_loaded_libraries(tiny_llama, tmp_path, monkeypatch):

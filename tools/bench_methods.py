@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--plays", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the workers' compute dtype: float32 on CPUs without bf16 kernels (tools/bench_dtype.py), "
+                         "where bf16 steps take minutes")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--sequential", action="store_true",
@@ -214,7 +217,7 @@ def main() -> None:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
     lines = [f"# qtune methods vs {'another checkout' if tree else 'qtune QLoRA'} ({bp._cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {bp.SEQ_LEN} × batch {bp.BATCH}, r={bp.RANK}, "
-             f"checkpointing, bf16, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
+             f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
              "| method | s/step | QLoRA s/step | step ratio, median | bootstrap 95% of the median | per round | "
              "middle half of the pairs | held-out after (QLoRA) | goal |",

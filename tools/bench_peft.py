@@ -211,7 +211,7 @@ def _train_loop(step_fn, data: dict, warmup: int, steps: int) -> dict:
     return {"step_times_s": times, "step_tokens": tokens, "train_losses": losses}
 
 
-def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int) -> dict:
+def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16") -> dict:
     import torch
 
     from qtune.config import TrainConfig
@@ -227,7 +227,7 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int) -
                       quant_type="nf4", double_quant=True, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS,
                       seq_len=SEQ_LEN, batch_size=BATCH, grad_accum=1, lr=LR, lr_scheduler="constant", warmup_steps=0,
                       weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, optim="adamw", max_steps=total, seed=SEED,
-                      gradient_checkpointing=True, compute_dtype="bfloat16", output=str(run_dir))
+                      gradient_checkpointing=True, compute_dtype=compute_dtype, output=str(run_dir))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     try:
@@ -381,7 +381,7 @@ def worker_main(args) -> None:
         data = load_file(work / "data.safetensors")
         t0 = time.perf_counter()
         if side == "qtune":
-            out = worker_qtune(method, data, work, args.warmup, args.steps)
+            out = worker_qtune(method, data, work, args.warmup, args.steps, args.compute_dtype)
         else:
             out = worker_peer(method, data, Path(args.model_dir), work / "peer_pissa", args.warmup, args.steps)
         out["wall_s"] = time.perf_counter() - t0
@@ -434,6 +434,9 @@ def worker_command(args, work: Path, side: str, method: str, tag: str, tree: Pat
     cmd = [sys.executable, str(script), "--worker", side, method, "--work", str(work),
            "--result", str(result), "--model-dir", str(args.model_dir), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    dtype = getattr(args, "compute_dtype", "bfloat16")
+    if dtype != "bfloat16":  # only then: a worker of an older tree (--against-tree) knows no such flag
+        cmd += ["--compute-dtype", dtype]
     return cmd, result, work / f"{tag}.log"
 
 
@@ -641,6 +644,9 @@ def parent_main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.compute_dtype != "bfloat16":
+        raise SystemExit("--compute-dtype float32: the peer side runs autocast bf16 only; compare qtune with itself in "
+                         "float32 with tools/bench_methods.py --compute-dtype float32")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; use some of {','.join(METHODS)}")
@@ -718,6 +724,9 @@ def main():
     ap.add_argument("--plays", type=int, default=4, help="training plays (the first N, alphabetically)")
     ap.add_argument("--eval-rows", type=int, default=16, help="held-out rows scored before and after")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = torch's default)")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="qtune's compute dtype (the issue's setting: bfloat16; the peer runs autocast bf16 only, "
+                         "so float32 is for tools/bench_methods.py's qtune-only A/Bs on CPUs without bf16 kernels)")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
