@@ -146,13 +146,15 @@ def set_keep_qkv(model, flag: bool) -> int:
     recomputation still forms (the attention's products). Returns how many modules were set.
     DoRA's projections keep their products u (before the magnitude's scale) instead, and the
     attention none: the magnitude's gradient reads u, which q, k and v after the rotary embedding do
-    not give back (qtune.adapters.dora.dora_traced); the same bytes."""
+    not give back (qtune.adapters.dora.dora_traced); the same bytes. A DoRA o_proj keeps its u too
+    (the attention's output before the magnitude's scale: the same b·t·h bytes as QLoRA's kept
+    output), so its recomputation skips o's base GEMM and up-projection as QLoRA's does."""
     n = 0
     for module in model.modules():
         if getattr(module.forward, "__func__", None) is _attention_forward:
             projections = [module.q_proj, module.k_proj, module.v_proj]
             own = all(hasattr(p, "keep_product") for p in projections)
-            for p in projections:
+            for p in projections + [module.o_proj]:
                 if hasattr(p, "keep_product"):
                     p.keep_product = bool(flag) and own
             setattr(module, KEEP_QKV, bool(flag) and not own)

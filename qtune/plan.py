@@ -15,7 +15,7 @@ Each term is computed for qtune's own implementation (what its meter measures):
   keeps each layer's down_proj output, b·t·h, unless --no-dora-stash; a compiled layer keeps each
   adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down, and with --keep-qkv
   (default) the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim, and its output, b·t·h,
-  unless DoRA's q/k/v keep their own products) plus, during one layer's
+  or as many bytes of DoRA's q/k/v/o products u) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
@@ -236,8 +236,12 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
             layer_inputs += L * b * t * qkv_width(config) * c
             saved -= b * t * qkv_width(config) * c
             own = cfg.method == "qdora" and {"q_proj", "k_proj", "v_proj"} <= set(cfg.target_modules)
-            if not own:  # and the attention's output (o_proj's; qtune.kernels.set_keep_qkv), no internal
+            # and the attention's output (o_proj's; qtune.kernels.set_keep_qkv), no internal: a DoRA
+            # o_proj keeps its product u instead, the same bytes
+            if not own or "o_proj" in cfg.target_modules:
                 layer_inputs += L * b * t * config.hidden_size * c
+                if own:  # counted in dora_out's products above: kept now, not recomputed
+                    saved -= b * t * config.hidden_size * c
     internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs

@@ -150,8 +150,11 @@ def test_layers_that_are_not_compiled(tiny_llama, tmp_path, kw, compiled):
     dora_plan = plan_memory(dora)
     h, i = model.config.hidden_size, model.config.intermediate_size
     stash = model.config.num_hidden_layers * 2 * 32 * h * 2  # compiled QDoRA keeps down_proj's u too: L·b·t·h bf16
-    kept_o = stash  # QLoRA keeps the attention's output instead (L·b·t·h bf16), QDoRA its q/k/v products only
-    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs - kept_o + stash
+    kept_o = stash  # QLoRA keeps the attention's output (L·b·t·h bf16), QDoRA o_proj's product u: the same bytes
+    assert dora_plan.layer_inputs == plan_memory(plain).layer_inputs + stash
+    dora_no_o = dataclasses.replace(dora, target_modules=[m for m in dora.target_modules if m != "o_proj"])
+    assert plan_memory(dora_no_o).layer_inputs == plan_memory(plain).layer_inputs - kept_o + stash - (
+        model.config.num_hidden_layers * 2 * 32 * 4 * 2)  # and o_proj's h = x·Aᵀ (L·b·t·r) is not there
     kv = model.config.num_key_value_heads * (h // model.config.num_attention_heads)
     kept_qkv = model.config.num_hidden_layers * 2 * 32 * (h + 2 * kv) * 2
     recomputed = dataclasses.replace(plain, keep_qkv=False)
@@ -224,8 +227,8 @@ def test_kept_qkv_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, co
 
 def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """QDoRA in a compiled layer: the magnitude's gradient reads each product u = x·Wᵀ + s·hBᵀ, so
-    with --keep-qkv q/k/v keep their u (not the attention's copies: DoRALinear.keep_product) and with
-    the down_proj stash (default) down_proj keeps its u; the recomputation then runs only o, gate and
+    with --keep-qkv q/k/v/o keep their u (not the attention's copies: DoRALinear.keep_product) and with
+    the down_proj stash (default) down_proj keeps its u; the recomputation then runs only gate and
     up's linear_lora (base GEMM + up-projection) where --no-keep-qkv --no-dora-stash runs all 7, with
     the loss and gradients of that run and the same dequantizations."""
     from torch.profiler import ProfilerActivity, profile
@@ -240,7 +243,7 @@ def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, t
                 m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
         attn = [layer.self_attn for layer in model.model.layers]
         assert all(getattr(a, kernels.KEEP_QKV) is False for a in attn)
-        assert all(getattr(a, p).keep_product is keep for a in attn for p in ("q_proj", "k_proj", "v_proj"))
+        assert all(getattr(a, p).keep_product is keep for a in attn for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
         ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         mask[1, :5] = 0
@@ -256,8 +259,8 @@ def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, t
     torch.manual_seed(2)
     loss_r, grads_r, fused_r, deq_r, none = run(False)
     L = load_config(tiny_llama, False).num_hidden_layers
-    assert kept == 4 * L and none == 0  # forward only: the recomputation reads the kept products
-    assert fused_r == (7 + 7) * L and fused_k == (7 + 3) * L, (fused_r, fused_k)
+    assert kept == 5 * L and none == 0  # forward only: the recomputation reads the kept products
+    assert fused_r == (7 + 7) * L and fused_k == (7 + 2) * L, (fused_r, fused_k)
     assert deq_k == deq_r == L * (7 + 7)
     torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])
     assert grads_k.keys() == grads_r.keys() and len(grads_k) == 3 * 7 * L

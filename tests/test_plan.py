@@ -45,19 +45,19 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
     (default, under checkpointing, eager layers: here --no-compile) down_proj's lives from the forward
     on, beside the layer inputs. Compiled layers (the CPU default) keep it too (as its product u), and
     each of the layer's 7 adapters' down-projection h = x·Aᵀ (b·t·r) from the forward, and its q, k, v
-    (DoRA's as their products u: the same bytes)."""
+    and attention output (DoRA's q/k/v/o as their products u: the same bytes)."""
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     b, t, c = 2, 32, 2
     monkeypatch.setenv("QTUNE_COMPILE", "1")  # as in a user's run (the suite runs eagerly)
     compiled = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora"))
-    qkv = h + 2 * kv  # and, with --keep-qkv (default), each layer's q, k, v
+    qkv = h + 2 * kv + h  # and, with --keep-qkv (default), each layer's q, k, v and o_proj's u
     assert compiled.layer_inputs == L * b * t * (2 * h + 7 * 4 + qkv) * c
     lean = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora",
                                    keep_qkv=False))
     assert lean.layer_inputs == L * b * t * (2 * h + 7 * 4) * c
-    # the layer in backward has its q, k, v among the kept ones, not twice
+    # the layer in backward has its q, k, v, o among the kept ones, not twice
     assert compiled.activations - lean.activations == (L - 1) * b * t * qkv * c
     assert any(t.startswith("--no-keep-qkv: ") for t in suggestions(
         TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora"), 2**40))
