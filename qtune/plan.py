@@ -33,8 +33,8 @@ bound it (see Plan.total_bytes), which is what the meter's peak_memory_bytes mea
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 
 import torch
