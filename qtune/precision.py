@@ -20,8 +20,6 @@ import warnings
 
 import torch
 
-CHOICES = ("auto", "bfloat16", "float32", "float16")
-
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matrix products at native speed (oneDNN's bf16 kernels apply)."""
