@@ -85,3 +85,31 @@ def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_p
         (tmp_path / name).write_text(json.dumps({"rounds": [{"qrosa": {"pair_ratios": ratios}}]}))
     text = bench_methods.pool([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert "qrosa: median 1.200x over 5 step pairs" in text
+
+
+def _bench_peft_report(dtype: str, peer_s: float) -> dict:
+    side = {"s_per_step": 2.0, "tokens_per_s": 500.0, "peak_rss_gib": 1.0, "process_peak_rss_gib": 1.2,
+            "heldout_before": 4.0, "heldout_after": 3.5}
+    peer = side | {"s_per_step": peer_s, "tokens_per_s": 500.0 * 2.0 / peer_s, "peak_rss_gib": 2.5,
+                   "process_peak_rss_gib": 2.6}
+    ratios = {"tokens_per_s": peer_s / 2.0, "peak_rss": 0.4, "process_peak_rss": 1.2 / 2.6, "heldout_after": 1.0}
+    return {"args": {"compute_dtype": dtype, "plays": 4, "warmup": 2, "steps": 20, "repeats": 2},
+            "machine": {"cpu": "test cpu", "threads": 2},
+            "data": {"train_rows": 100, "heldout_rows_used": [0, 1], "heldout_label_tokens": 500},
+            "gemm": {"start": {"gflops": 100.0}, "end": {"gflops": 100.0}, "gflops": 100.0},
+            "flops": {"total": 120e9}, "methods": ["qlora"], "peer_pissa_prep": None,
+            "results": {"qlora": {"qtune": side, "peer": peer, "ratios": ratios}}}
+
+
+def test_bench_peft_fp32_report_names_its_dtype_and_keeps_the_bf16_table(tmp_path):
+    import bench_peft
+
+    bench_peft.write_report(_bench_peft_report("bfloat16", 5.0), tmp_path)
+    bench_peft.write_report(_bench_peft_report("float32", 4.0), tmp_path)
+    bf16, fp32 = (tmp_path / "bench_peft.md").read_text(), (tmp_path / "bench_peft_fp32.md").read_text()
+    assert "bf16 compute (peer: autocast bf16)" in bf16 and "bf16 GEMM rate" in bf16
+    assert "fp32 compute (peer: fp32 model, bnb compute dtype fp32, no autocast)" in fp32 and "fp32 GEMM rate" in fp32
+    # 120 GFLOP in 2.0 s at 100 GFLOP/s: 60% of the limit; the peer's 4.0 s: 30%
+    assert "| qlora | qtune | 2.000 | 500 |" in fp32 and "| 60.0% | 2.00× |" in fp32 and "| 30.0% |" in fp32
+    assert "tokens/s ≥ 2.0× peer: 2.00× PASS" in fp32 and "2.50×" in bf16  # the bf16 table is not overwritten
+    assert (tmp_path / "bench_peft_fp32.png").is_file() and (tmp_path / "bench_peft_fp32.json").is_file()

@@ -2,11 +2,19 @@
 
     python tools/bench_peft.py                                   # all methods, 20 timed steps, 2 repeats
     python tools/bench_peft.py --methods qlora --steps 40 --repeats 3
+    python tools/bench_peft.py --compute-dtype float32           # both sides in fp32: CPUs without bf16 kernels
 
 Setting (both sides): SmolLM2-135M-Instruct, the first --plays Shakespeare training plays, seq 256 ×
 batch 4, rank 16 on all 7 linears of every decoder layer, alpha 16 (scale 1), dropout 0, gradient
 checkpointing (non-reentrant), bf16 compute, AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), lr
 2e-4 constant with no warmup, gradient-norm clipping at 1.0 (qtune's default, applied on both sides).
+
+--compute-dtype float32 (for CPUs without bf16 GEMM kernels, such as AVX2-only x86, where a bf16 step
+takes minutes: tools/bench_dtype.py): both sides compute in fp32. qtune runs --compute-dtype float32 (what
+its default `auto` picks on such a CPU); the peer loads its model in fp32 with bnb_4bit_compute_dtype
+float32 and runs without autocast (lora16's peer: the fp32 base; qtune's lora16 then keeps its 16-bit
+path's base in fp32 too). The GEMM rate is then fp32's, and the results go to bench_peft_fp32.* so the
+bf16 table stays.
 
 Methods and their peers:
     qlora   qtune --method qlora            | PEFT LoRA on a bitsandbytes NF4 (double-quant) base
@@ -39,11 +47,12 @@ How it measures:
     randomized SVD runs inside the qtune run (qtune does it while loading). The peer's PiSSA
     preprocessing (fp32 model + SVD + save) is PEFT's separate step: it runs once in its own process,
     and its time and peak RSS are reported apart from the training runs.
-  * Speed limit: this machine's bf16 GEMM rate (median of 5 timed 2048×2048×2048 bf16 matmuls, at the
+  * Speed limit: this machine's GEMM rate in the compute dtype (median of 5 timed 2048×2048×2048 matmuls, at the
     start and at the end of the benchmark) and the step's useful FLOPs (see step_flops) give
     fraction of limit = FLOPs / (s/step × GEMM rate).
 
-Writes tools/results/bench_peft.md (table), bench_peft.png (chart) and bench_peft.json (raw numbers).
+Writes tools/results/bench_peft.md (table), bench_peft.png (chart) and bench_peft.json (raw numbers);
+bench_peft_fp32.* under --compute-dtype float32.
 """
 
 from __future__ import annotations
@@ -106,13 +115,18 @@ def heldout_loss(model, data: dict, autocast: bool) -> float:
     return total / max(count, 1)
 
 
-def gemm_rate(n: int = GEMM_N, runs: int = 5) -> dict:
-    """bf16 matmul rate of this machine: median of `runs` timed n×n×n products (after 2 untimed)."""
+def report_stem(compute_dtype: str) -> str:
+    """The result files' name: bench_peft.* for the issue's bf16 setting, bench_peft_fp32.* for fp32."""
+    return "bench_peft" if compute_dtype == "bfloat16" else "bench_peft_fp32"
+
+
+def gemm_rate(n: int = GEMM_N, runs: int = 5, dtype: str = "bfloat16") -> dict:
+    """Matmul rate of this machine in `dtype`: median of `runs` timed n×n×n products (after 2 untimed)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(torch.bfloat16)
-    b = torch.randn(n, n, generator=g).to(torch.bfloat16)
+    a = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
+    b = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
     for _ in range(2):
         a @ b
     times = []
@@ -121,7 +135,8 @@ def gemm_rate(n: int = GEMM_N, runs: int = 5) -> dict:
         a @ b
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"n": n, "runs": runs, "times_s": times, "gflops": 2 * n ** 3 / t / 1e9, "threads": torch.get_num_threads()}
+    return {"n": n, "runs": runs, "dtype": dtype, "times_s": times, "gflops": 2 * n ** 3 / t / 1e9,
+            "threads": torch.get_num_threads()}
 
 
 def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -> dict:
@@ -277,12 +292,11 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
             "trainable_params": sum(p.numel() for p in trainable), "peak_heap_bytes": meter.peak_bytes()}
 
 
-def _bnb_config():
-    import torch
+def _bnb_config(dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=dtype)
 
 
 def _lora_config(**kw):
@@ -310,24 +324,29 @@ def prep_peer_pissa(model_dir: Path, out: Path) -> dict:
     return {"prep_s": time.perf_counter() - t0, "prep_peak_rss_bytes": peak_rss_bytes()}
 
 
-def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None, warmup: int, steps: int) -> dict:
+def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None, warmup: int, steps: int,
+                compute_dtype: str = "bfloat16") -> dict:
+    """The peer's run. bfloat16: a bf16 model under autocast bf16 (the issue's pinned setting); float32:
+    an fp32 model and bnb compute dtype, no autocast."""
     import torch
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, compute_dtype)
+    autocast = dtype == torch.bfloat16
     torch.manual_seed(SEED)
     ckpt = {"use_reentrant": False}
     t0 = time.perf_counter()
     if method == "lora16":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         model = get_peft_model(model, _lora_config())
     elif method == "qpissa":
-        model = AutoModelForCausalLM.from_pretrained(pissa_dir, quantization_config=_bnb_config(), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(pissa_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
         model = PeftModel.from_pretrained(model, pissa_dir, subfolder="pissa_init", is_trainable=True)
     elif method in ("qlora", "qdora"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config(), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
         model = get_peft_model(model, _lora_config(use_dora=method == "qdora"))
     else:
@@ -337,11 +356,11 @@ def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None
     setup_rss = peak_rss_bytes()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    before = heldout_loss(model, data, autocast=True)
+    before = heldout_loss(model, data, autocast=autocast)
     model.train()  # from_pretrained returns eval mode
 
     def step(ids, mask, labels):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -351,7 +370,7 @@ def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None
 
     res = _train_loop(step, data, warmup, steps)
     train_rss = peak_rss_bytes()
-    after = heldout_loss(model, data, autocast=True)
+    after = heldout_loss(model, data, autocast=autocast)
     return {**res, "setup_s": setup_s, "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": train_rss,
             "heldout_before": before, "heldout_after": after, "trainable_params": sum(p.numel() for p in trainable)}
 
@@ -371,7 +390,8 @@ def worker_main(args) -> None:
         if method == "qtune-cache":  # fill qtune's quantized cache, as any first `qtune train` does
             from qtune.loader import QuantSpec, load_model
 
-            load_model(Path(args.model_dir), QuantSpec(4, "nf4", True), torch.bfloat16, progress=False)
+            load_model(Path(args.model_dir), QuantSpec(4, "nf4", True), getattr(torch, args.compute_dtype),
+                       progress=False)  # the cache is keyed by the compute dtype
             out = {"peak_rss_bytes": peak_rss_bytes()}
         else:
             out = prep_peer_pissa(Path(args.model_dir), work / "peer_pissa")
@@ -383,7 +403,8 @@ def worker_main(args) -> None:
         if side == "qtune":
             out = worker_qtune(method, data, work, args.warmup, args.steps, args.compute_dtype)
         else:
-            out = worker_peer(method, data, Path(args.model_dir), work / "peer_pissa", args.warmup, args.steps)
+            out = worker_peer(method, data, Path(args.model_dir), work / "peer_pissa", args.warmup, args.steps,
+                              args.compute_dtype)
         out["wall_s"] = time.perf_counter() - t0
     out.update(side=side, method=method, peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads())
     Path(args.result).write_text(json.dumps(out))
@@ -519,7 +540,10 @@ def pair_ratios(q_runs: list[dict], p_runs: list[dict]) -> dict | None:
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_peft.json").write_text(json.dumps(report, indent=1))
+    dtype = report["args"].get("compute_dtype", "bfloat16")
+    stem = report_stem(dtype)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
     rate = report["gemm"]["gflops"]
     flops = report["flops"]["total"]
     a = report["args"]
@@ -527,12 +551,14 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"# qtune vs transformers + bitsandbytes + PEFT ({report['machine']['cpu']}, {report['machine']['threads']} threads)",
         "",
         f"SmolLM2-135M-Instruct, {a['plays']} Shakespeare plays ({report['data']['train_rows']} rows), seq {SEQ_LEN} × "
-        f"batch {BATCH}, r={RANK}, α={ALPHA}, all 7 linears, gradient checkpointing, bf16 compute, AdamW lr {LR} "
+        f"batch {BATCH}, r={RANK}, α={ALPHA}, all 7 linears, gradient checkpointing, {short} compute "
+        f"({'peer: autocast bf16' if short == 'bf16' else 'peer: fp32 model, bnb compute dtype fp32, no autocast'}), "
+        f"AdamW lr {LR} "
         f"constant, clip 1.0; {a['warmup']} warm-up + {a['steps']} timed steps; {a['repeats']} alternating "
         f"qtune/peer pair(s) per method, medians. Held-out: {len(report['data']['heldout_rows_used'])} rows of Hamlet + "
         f"Sonnets ({report['data']['heldout_label_tokens']} tokens), one scoring function for both sides.",
         "",
-        f"bf16 GEMM rate ({GEMM_N}³, median of 5, start/end): {report['gemm']['start']['gflops']:.0f} / "
+        f"{short} GEMM rate ({GEMM_N}³, median of 5, start/end): {report['gemm']['start']['gflops']:.0f} / "
         f"{report['gemm']['end']['gflops']:.0f} GFLOP/s → {rate:.0f} GFLOP/s used. Step FLOPs "
         f"(forward + recomputation + input-gradient backward, formula in tools/bench_peft.py step_flops): "
         f"{flops / 1e9:.0f} GFLOP.",
@@ -553,7 +579,7 @@ def write_report(report: dict, out_dir: Path) -> None:
                 continue
             if s is None:
                 if not e.get("unavailable"):
-                    lines.append(f"| {m} | {side} | failed (see bench_peft.json) | | | | | | | |")
+                    lines.append(f"| {m} | {side} | failed (see {stem}.json) | | | | | | | |")
                 continue
             frac = flops / (s["s_per_step"] * rate * 1e9)
             r = e.get("ratios") if side == "qtune" else None
@@ -580,15 +606,15 @@ def write_report(report: dict, out_dir: Path) -> None:
                   f"{prep['peak_rss_bytes'] / 2**30:.2f} GiB. qtune's qpissa does its SVD inside its run."]
     lines += ["", "Peer evaluation runs in train mode (dropout 0) under no_grad: bitsandbytes' CPU Linear4bit in eval "
               "mode repacks weights and asserts out_features % 32 == 0 on AVX512-bf16 CPUs."]
-    (out_dir / "bench_peft.md").write_text("\n".join(lines) + "\n")
-    plot(report, out_dir / "bench_peft.png")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(report, out_dir / f"{stem}.png")
     print("\n".join(lines))
 
 
-def rebuild_report(out_dir: Path) -> None:
-    """Summaries and ratios again from the raw runs kept in bench_peft.json (after a change of how
-    they are summarized), then the same markdown and chart."""
-    report = json.loads((out_dir / "bench_peft.json").read_text())
+def rebuild_report(out_dir: Path, compute_dtype: str = "bfloat16") -> None:
+    """Summaries and ratios again from the raw runs kept in bench_peft.json (bench_peft_fp32.json for
+    float32; after a change of how they are summarized), then the same markdown and chart."""
+    report = json.loads((out_dir / f"{report_stem(compute_dtype)}.json").read_text())
     results = report["results"]
     for m, e in results.items():
         runs = e["runs"]
@@ -644,9 +670,6 @@ def parent_main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.compute_dtype != "bfloat16":
-        raise SystemExit("--compute-dtype float32: the peer side runs autocast bf16 only; compare qtune with itself in "
-                         "float32 with tools/bench_methods.py --compute-dtype float32")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; use some of {','.join(METHODS)}")
@@ -659,8 +682,8 @@ def parent_main(args) -> None:
         data_info = prepare_data(work, args.model_dir, args.plays, args.eval_rows, args.warmup + args.steps)
         print(f"data: {data_info['train_rows']} train rows, {len(data_info['heldout_rows_used'])} held-out rows; "
               f"work folder {work}", file=sys.stderr)
-        gemm_start = gemm_rate()
-        print(f"bf16 GEMM: {gemm_start['gflops']:.0f} GFLOP/s", file=sys.stderr)
+        gemm_start = gemm_rate(dtype=args.compute_dtype)
+        print(f"{args.compute_dtype} GEMM: {gemm_start['gflops']:.0f} GFLOP/s", file=sys.stderr)
         run_worker(args, work, "prep", "qtune-cache", "prep-qtune-cache")
         prep = run_worker(args, work, "prep", "qpissa", "prep-peer-pissa") if "qpissa" in methods else None
         results: dict[str, dict] = {}
@@ -681,7 +704,7 @@ def parent_main(args) -> None:
         for m, ref in PEERLESS.items():  # qrosa: ratios against qtune's own qlora
             if m in results and ref in results and results[m]["qtune"] and results[ref]["qtune"]:
                 results[m]["ratios"] = pair_ratios(results[m]["runs"]["qtune"], results[ref]["runs"]["qtune"])
-        gemm_end = gemm_rate()
+        gemm_end = gemm_rate(dtype=args.compute_dtype)
         config = json.loads((args.model_dir / "config.json").read_text())
         import bitsandbytes
         import peft
@@ -725,8 +748,8 @@ def main():
     ap.add_argument("--eval-rows", type=int, default=16, help="held-out rows scored before and after")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = torch's default)")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="qtune's compute dtype (the issue's setting: bfloat16; the peer runs autocast bf16 only, "
-                         "so float32 is for tools/bench_methods.py's qtune-only A/Bs on CPUs without bf16 kernels)")
+                    help="both sides' compute dtype: bfloat16 (the issue's setting; the peer under autocast) or "
+                         "float32 (CPUs without bf16 kernels, tools/bench_dtype.py; writes bench_peft_fp32.*)")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
@@ -740,7 +763,7 @@ def main():
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.plays < 1 or args.eval_rows < 1:
         raise SystemExit("--steps, --repeats, --plays and --eval-rows must be >= 1, --warmup >= 0")
     if args.report_only:
-        rebuild_report(Path(args.out_dir))
+        rebuild_report(Path(args.out_dir), args.compute_dtype)
     elif args.worker:
         worker_main(args)
     else:
