@@ -5,7 +5,7 @@
     python tools/profile_step.py --kernels --top 45   # each compiled kernel (norms, softmax, ...) as its own row
 
 Same setting as tools/bench_peft.py (SmolLM2-135M, Shakespeare rows, seq 256 × batch 4, r 16 on all
-linears, checkpointing, bf16, AdamW). The step is the benchmark's qtune step. Self CPU time of every
+linears, checkpointing, bf16 (or --compute-dtype float32), AdamW). The step is the benchmark's qtune step. Self CPU time of every
 aten/custom op is summed over the profiled steps and grouped:
     gemm          aten::mm / addmm / bmm / matmul's kernels (the bf16 GEMMs: base, adapters, head)
     attention     scaled_dot_product_attention and its flash/math kernels
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--plays", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the step's compute dtype (float32 on CPUs without bf16 kernels: tools/bench_dtype.py)")
     ap.add_argument("--shapes", type=int, default=0, help="also list the N GEMM shapes losing the most time")
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     ap.add_argument("--time-only", action="store_true",
@@ -127,7 +129,7 @@ def main() -> None:
     import qtune.memory as qmem
 
     real_detach, qmem.MemoryMeter.detach = qmem.MemoryMeter.detach, lambda self: None  # keep the meter on
-    bp.worker_qtune(args.method, data, work, args.warmup, args.steps)
+    bp.worker_qtune(args.method, data, work, args.warmup, args.steps, args.compute_dtype)
     bp._train_loop, qmem.MemoryMeter.detach = real_loop, real_detach
     step = steps_seen[0]
     order = data["order"]
@@ -194,14 +196,14 @@ def main() -> None:
     rows.sort(reverse=True)
     n = args.steps
     wall = sum(walls) / n
-    rate = bp.gemm_rate()
+    rate = bp.gemm_rate(dtype=args.compute_dtype)
     cfg = bp.json.loads((model_dir / "config.json").read_text())
     flops = bp.step_flops(cfg, bp.BATCH, bp.SEQ_LEN, bp.RANK)
     lines = [f"# Profile of one qtune {args.method} step ({bp._cpu_name()}, {torch.get_num_threads()} threads)", "",
              f"Setting of tools/bench_peft.py; {args.warmup} warm-up + {n} profiled steps; times per step."
              + (" With --kernels: inductor's C++ kernels are rows of their own (`graph_N_cpp_fused_...`)." if args.kernels else ""),
              f"Wall time per step under the profiler: {wall:.3f} s (profiler overhead included).",
-             f"Step FLOPs (bench_peft.step_flops): {flops['total'] / 1e9:.0f} GFLOP; bf16 GEMM rate "
+             f"Step FLOPs (bench_peft.step_flops): {flops['total'] / 1e9:.0f} GFLOP; {args.compute_dtype} GEMM rate "
              f"{rate['gflops']:.0f} GFLOP/s -> limit {flops['total'] / 1e9 / rate['gflops']:.3f} s/step.", "",
              "| group | s/step | share of wall |", "|---|---|---|"]
     for g in ("gemm", "attention", "dequantize", "elementwise"):
