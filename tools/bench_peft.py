@@ -652,8 +652,9 @@ def plot(report: dict, out: Path) -> None:
         ax.set_xticklabels(methods)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M, seq {SEQ_LEN}×{BATCH}, r={RANK}, {report['args']['steps']} timed steps "
+    axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: never over a bar's label
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}[report["args"].get("compute_dtype", "bfloat16")]
+    fig.suptitle(f"SmolLM2-135M, seq {SEQ_LEN}×{BATCH}, r={RANK}, {dtype}, {report['args']['steps']} timed steps "
                  f"(qtune/peer ratios annotated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
