@@ -115,6 +115,11 @@ def heldout_loss(model, data: dict, autocast: bool) -> float:
     return total / max(count, 1)
 
 
+def short_dtype(report: dict) -> str:
+    """A report's compute dtype as its table and chart name it: bf16 or fp32."""
+    return {"bfloat16": "bf16", "float32": "fp32"}[report["args"].get("compute_dtype", "bfloat16")]
+
+
 def report_stem(compute_dtype: str) -> str:
     """The result files' name: bench_peft.* for the issue's bf16 setting, bench_peft_fp32.* for fp32."""
     return "bench_peft" if compute_dtype == "bfloat16" else "bench_peft_fp32"
@@ -540,10 +545,9 @@ def pair_ratios(q_runs: list[dict], p_runs: list[dict]) -> dict | None:
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = report["args"].get("compute_dtype", "bfloat16")
-    stem = report_stem(dtype)
+    stem = report_stem(report["args"].get("compute_dtype", "bfloat16"))
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    short = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    short = short_dtype(report)
     rate = report["gemm"]["gflops"]
     flops = report["flops"]["total"]
     a = report["args"]
@@ -653,8 +657,7 @@ def plot(report: dict, out: Path) -> None:
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: never over a bar's label
-    dtype = {"bfloat16": "bf16", "float32": "fp32"}[report["args"].get("compute_dtype", "bfloat16")]
-    fig.suptitle(f"SmolLM2-135M, seq {SEQ_LEN}×{BATCH}, r={RANK}, {dtype}, {report['args']['steps']} timed steps "
+    fig.suptitle(f"SmolLM2-135M, seq {SEQ_LEN}×{BATCH}, r={RANK}, {short_dtype(report)}, {report['args']['steps']} timed steps "
                  f"(qtune/peer ratios annotated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
