@@ -72,12 +72,14 @@ TRAIN_OPTIONS = [
     _opt("--loftq-start", help="LoftQ's first factors: pissa (default; lower error) or zero (as published)."),
     _opt("--dora-detach-norm/--no-dora-detach-norm", default=None,
          help="QDoRA: norm as a constant in backward (DoRA §4.3; default on)."),
+    _opt("--recompute", type=click.Choice(["default", "full"]),
+         help="What a checkpointed layer keeps from its forward so that its recomputation skips work: default "
+              "keeps the attention's q, k, v and output and QDoRA's down_proj product (faster, a few activations "
+              "per layer); full keeps nothing extra (least memory)."),
     _opt("--dora-stash/--no-dora-stash", default=None,
-         help="QDoRA + checkpointing: keep down_proj's outputs for backward instead of recomputing them "
-              "(faster; one more activation per layer; default on)."),
+         help="Older form of --recompute's QDoRA down_proj part (kept working)."),
     _opt("--keep-qkv/--no-keep-qkv", default=None,
-         help="Checkpointing with compiled layers (CPU): keep the attention's q, k, v and output for backward "
-              "instead of recomputing their GEMMs (faster; activations of their widths per layer; default on)."),
+         help="Older form of --recompute's attention part (kept working)."),
     _opt("--rosa-density", type=float, help="RoSA sparse density."),
     _opt("--rosa-mask-steps", type=int, help="Batches used to choose RoSA's mask."),
     _opt("--rank", type=int, help="Adapter rank r (default 16)."),

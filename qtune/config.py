@@ -48,15 +48,14 @@ class TrainConfig:
     """Where LoftQ's alternation starts: pissa (PiSSA's factors; lower error) or zero (as published)."""
     dora_detach_norm: bool = True
     """QDoRA: treat the weight norm as a constant in backward (DoRA §4.3); off = exact gradient."""
-    dora_stash: bool = True
-    """QDoRA with gradient checkpointing: keep each layer's down_proj output from the forward for its
-    magnitude's gradient instead of recomputing that GEMM (one more batch × seq × hidden tensor per
-    layer, as many bytes as the checkpoint's layer inputs); off = least memory."""
-    keep_qkv: bool = True
-    """Gradient checkpointing with compiled decoder layers (CPU): keep each layer's attention q, k
-    (after the rotary embedding) and v from the forward instead of recomputing them in backward (one
-    more batch × seq × (q + k + v width) tensor per layer; the recomputation skips q/k/v's GEMMs);
-    off = least memory."""
+    recompute: str = "default"
+    """What a checkpointed decoder layer keeps from its forward so that its recomputation skips work
+    (qtune.engine.recompute): default (the attention's q, k, v and output; QDoRA's down_proj product)
+    or full (nothing extra: least memory)."""
+    dora_stash: bool | None = None
+    """Older form of recompute's QDoRA down_proj part; None = as recompute says."""
+    keep_qkv: bool | None = None
+    """Older form of recompute's attention part; None = as recompute says."""
     rosa_density: float = 0.01
     """Fraction of each matrix's entries in RoSA's sparse part."""
     rosa_mask_steps: int = 8

@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qtune.adapters import adapter_layers, load_adapter_state_dict
+from qtune.adapters.base import base_weight
+from qtune.adapters.dora import DoRALinear
 from qtune.checkpoint import atomic_folder, complete_checkpoints, load_checkpoint, write_error_reason, write_manifest
 from qtune.config import TrainConfig, load_run_yaml
 from qtune.errors import QtuneError
@@ -61,12 +63,14 @@ def merged_state(model: nn.Module, dtype: torch.dtype):
     adapters = adapter_layers(model)
     tied = getattr(model.config, "tie_word_embeddings", False)
     for name, module in model.named_modules():
-        if name in adapters:
+        if name in adapters:  # the adapter merges its base's tensors (qtune.adapters.base.Adapter.merge)
             base = module.base_layer
-            w = base.dequantized_weight(torch.float32) if isinstance(base, QuantLinear) else base.weight.float()
-            yield f"{name}.weight", module.merged_weight(w).to(dtype)
+            tensors = {"weight": base_weight(base)}
             if base.bias is not None:
-                yield f"{name}.bias", base.bias.to(dtype)
+                tensors["bias"] = base.bias.float()
+            with torch.no_grad():
+                for leaf, t in module.merge(tensors).items():
+                    yield f"{name}.{leaf}", t.to(dtype)
             continue
         if any(name.startswith(a + ".") for a in adapters):
             continue  # inside an adapter: handled above
@@ -210,7 +214,7 @@ def export_peft(run_dir: Path, out: Path, checkpoint: Path | None = None, progre
             B = torch.cat([B, factors[f"{name}.lora_B"].float()], 1)   # (out, 2r)
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A.contiguous(), B.contiguous()
-        if hasattr(layer, "magnitude"):
+        if isinstance(layer, DoRALinear):
             tensors[f"{prefix}.lora_magnitude_vector"] = layer.magnitude.detach().float().contiguous()
         targets.add(name.rpartition(".")[2])
     rank = cfg.rank * (2 if factors is not None else 1)

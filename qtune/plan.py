@@ -12,9 +12,8 @@ Each term is computed for qtune's own implementation (what its meter measures):
   and indices (int64). Gradients fp32; AdamW keeps two fp32 moments, the 8-bit optimizers two
   uint8 moments (+ block scales) for tensors of ≥ 4096 elements.
 - activations: with gradient checkpointing, each decoder layer's input is kept (b·t·h; QDoRA also
-  keeps each layer's down_proj output, b·t·h, unless --no-dora-stash; a compiled layer keeps each
-  adapter's down-projection h = x·Aᵀ, b·t·r, qtune.adapters.lora.lora_down, and with --keep-qkv
-  (default) the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim, and its output, b·t·h,
+  keeps each layer's down_proj output, b·t·h, unless --recompute full; a compiled layer keeps each
+  adapter's down-projection h = x·Aᵀ, b·t·r, qtune.engine.ops.lora_down, and with --recompute default the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim, and its output, b·t·h,
   or as many bytes of DoRA's q/k/v/o products u) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
@@ -25,7 +24,7 @@ Each term is computed for qtune's own implementation (what its meter measures):
   softmax in place); plus the final hidden states and their gradient, never batch × seq × vocab
   at once.
 - dequantization buffers: the largest decoder linear dequantized to the compute dtype (one at a time);
-  with compiled decoder layers (qtune.compile, CPU), all of one layer's linears: its compiled
+  with compiled decoder layers (qtune.engine, CPU), all of one layer's linears: its compiled
   backward recomputes them together.
 The terms are not all alive at once: total_bytes is the peak over the two moments of a step that
 bound it (see Plan.total_bytes), which is what the meter's peak_memory_bytes measures.
@@ -43,9 +42,12 @@ from torch import nn
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
 from qtune.precision import resolve_compute_dtype
-from qtune import compile as qcompile
-from qtune.model import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT, CE_VOCAB_BLOCK,
-                         attention_implementation, ce_block_rows, ce_chunk_tokens, compiles_layers)
+from qtune.engine import compiled as qcompile
+from qtune.engine.recompute import RecomputePolicy
+from qtune.engine.attention import choose_attention
+from qtune.engine.loss import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT, CE_VOCAB_BLOCK,
+                               ce_block_rows, ce_chunk_tokens)
+from qtune.model import compiles_layers
 from quant import QuantLinear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -117,7 +119,7 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
                           extra_per_token: int = 0) -> int | tuple[int, int]:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
 
-    With eager attention (qtune.model.attention_implementation) the softmax output (fp32) and its
+    With eager attention (qtune.engine.attention.choose_attention) the softmax output (fp32) and its
     compute-dtype copy are kept, and backward adds their two gradients: 2·(4 + c) bytes per score.
 
     per token: 2 RMSNorms (fp32 input copy + normalised output), q/k/v after rotary, k/v expanded
@@ -141,7 +143,7 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     transient = 2 * c * i                           # gradients of the MLP's widest tensors at the peak
     if dropout > 0:
         per_token += 4 * c * h + c * i + 4 * h      # dropped-out copies of the adapters' inputs, masks
-    if attention != "sdpa":  # qtune.kernels' eager attention: the scores, no log-sum-exp
+    if attention != "sdpa":  # qtune.engine's eager attention: the scores, no log-sum-exp
         per_token += (4 + c) * nh * seq - 4 * nh    # softmax output (fp32) and its compute-dtype copy
         transient += (4 + c) * nh * seq             # and their gradients
     if split:
@@ -219,24 +221,25 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
 
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
-    attention = attention_implementation(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
+    attention = choose_attention(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
+    policy = RecomputePolicy.from_config(cfg)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
     # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
-    stash = fused_dora and cfg.gradient_checkpointing and cfg.dora_stash and "down_proj" in cfg.target_modules
+    stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in cfg.target_modules
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
     dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
                                              extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
-    # each layer's input, kept by the checkpoint (and QDoRA's stashed down_proj outputs: qtune.recompute)
+    # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
     if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # and each adapter's h = x·Aᵀ (lora_down)
         layer_inputs += L * b * t * cfg.rank * per_layer * c
-        if cfg.keep_qkv:  # and q, k, v (qtune.kernels.set_keep_qkv): counted there, not again in the layer's internals
+        if policy.keep_attention:  # and q, k, v (qtune.engine.block.attention): counted there, not again in the layer's internals
             layer_inputs += L * b * t * qkv_width(config) * c
             saved -= b * t * qkv_width(config) * c
             own = cfg.method == "qdora" and {"q_proj", "k_proj", "v_proj"} <= set(cfg.target_modules)
-            # and the attention's output (o_proj's; qtune.kernels.set_keep_qkv), no internal: a DoRA
+            # and the attention's output (o_proj's), no internal: a DoRA
             # o_proj keeps its product u instead, the same bytes
             if not own or "o_proj" in cfg.target_modules:
                 layer_inputs += L * b * t * config.hidden_size * c
@@ -246,7 +249,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     vocab, hidden = config.vocab_size, config.hidden_size
-    if cfg.compile and qcompile.env_enabled():  # one vocabulary block's logits and the chunk's sums (qtune.model)
+    if cfg.compile and qcompile.env_enabled():  # one vocabulary block's logits and the chunk's sums (qtune.engine.loss)
         chunk = min(ce_block_rows(vocab, hidden), b * t)
         logits = chunk * (min(vocab, CE_VOCAB_BLOCK) * CE_BLOCK_BYTES_PER_LOGIT + hidden * CE_BLOCK_BYTES_PER_ROW_HIDDEN)
     else:  # one chunk's full-vocabulary logits
@@ -298,9 +301,9 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> lis
              ("--bits", "bits", 4),
              ("--offload disk", "offload", "disk")]
     if cfg.method == "qdora" and cfg.gradient_checkpointing and not compiles_layers(cfg, device):  # the stash only exists there
-        tries.append(("--no-dora-stash", "dora_stash", False))
-    if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # q/k/v are kept only there
-        tries.append(("--no-keep-qkv", "keep_qkv", False))
+        tries.append(("--recompute full", "recompute", "full"))
+    elif cfg.gradient_checkpointing and compiles_layers(cfg, device):  # q/k/v are kept only there
+        tries.append(("--recompute full", "recompute", "full"))
     for flag, field, value in tries:
         if getattr(cfg, field) == value:
             continue

@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qtune.adapters import adapter_state_dict, load_adapter_state_dict
-from qtune.adapters.dora import parameters_fixed
+from qtune.adapters import adapter_layers, adapter_state_dict, load_adapter_state_dict
 from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_tmp,
                               save_checkpoint, set_rng_state, unflatten_optimizer_state)
 from qtune.config import TrainConfig
 from qtune.data import load_splits
 from qtune.errors import QtuneError
 from qtune.memory import MemoryMeter, configure_host_allocator, current_rss_bytes, peak_rss_bytes
-from qtune.rosa_support import MASK_FILE, choose_supports
-from qtune.model import build_model, causal_lm_loss, decoder_layers, evaluate
+from qtune.adapters.rosa_mask import MASK_FILE, choose_supports
+from qtune.engine import causal_lm_loss
+from qtune.model import build_model, decoder_layers, evaluate
 from qtune.precision import resolve_compute_dtype
 
 RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile")  # flags that may differ on --resume (same math)
@@ -176,6 +176,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         _log(metrics_path, {"step": 0, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches)})
 
     model.train()
+    start_step = step
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress)
     last_loss = float("nan")
     while step < total_steps:
@@ -183,36 +184,27 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         t0 = time.perf_counter()
         batches = [micro_batch_rows(micro_index + k, len(train_rows), cfg.batch_size, cfg.seed)
                    for k in range(cfg.grad_accum)]
-        n_tokens = sum(int((train_rows.labels[rows][:, 1:] != -100).sum()) for rows in batches)  # labelled
-        n_input = sum(int(train_rows.attention_mask[rows].sum()) for rows in batches)  # tokens processed
-        loss_sum = 0.0
-        with parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once for all batches
-            for rows in batches:  # the step's loss is the mean over all its labelled tokens
-                ids, mask, labels = (t[rows].to(device) for t in (train_rows.input_ids, train_rows.attention_mask,
-                                                                  train_rows.labels))
-                loss, _ = causal_lm_loss(model, ids, mask, labels)
-                (loss / max(n_tokens, 1)).backward()
-                loss_sum += loss.item()
-        last_loss = loss_sum / max(n_tokens, 1)
+        micro = [{k: t[rows].to(device) for k, t in (("input_ids", train_rows.input_ids),
+                                                     ("attention_mask", train_rows.attention_mask),
+                                                     ("labels", train_rows.labels))} for rows in batches]
+        result = train_step(model, optimizer, scheduler, micro, cfg.max_grad_norm)
+        last_loss = result["loss"]
         if not math.isfinite(last_loss):
             kept = complete_checkpoints(run_dir)
             raise QtuneError(f"The loss became {last_loss} at step {step + 1}; training stopped. "
                              f"{'The last good checkpoint is ' + str(kept[-1]) if kept else 'No checkpoint was written'}. "
                              "Lower --lr (or raise --warmup-steps) and resume or restart.")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(_trainable(model), cfg.max_grad_norm)
-                     if cfg.max_grad_norm > 0 else None)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         micro_index += cfg.grad_accum
         step += 1
         dt = time.perf_counter() - t0
-        record = {"step": step, "loss": last_loss, "lr": lr,
-                  "tokens_per_s": n_input / dt, "step_time_s": dt, "tokens": n_input, "label_tokens": n_tokens,
-                  "grad_norm": None if grad_norm is None else float(grad_norm),
+        n_input = result["tokens"]
+        record = {"step": step, "loss": last_loss, "lr": result["lr"],
+                  "tokens_per_s": n_input / dt, "step_time_s": dt, "tokens": n_input,
+                  "label_tokens": result["label_tokens"], "grad_norm": result["grad_norm"],
                   "peak_memory_bytes": meter.peak_bytes(), "peak_rss_bytes": peak_rss_bytes()}
         _log(metrics_path, record)
+        if step == start_step + 1:  # which path each decoder layer ran, measured (qtune.engine)
+            _log(metrics_path, model.qtune_engine.execution_report(step))
         used = record["peak_memory_bytes"] if device.type == "cuda" else record["peak_rss_bytes"]  # what the limit bounds
         if cfg.max_memory > 0 and not over_limit_warned and used > cfg.max_memory * 2**30:
             over_limit_warned = True
@@ -234,6 +226,39 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     summary = summarize(metrics_path)
     plot_loss(metrics_path, run_dir / "loss.png")
     return summary
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[dict],
+               max_grad_norm: float = 0.0) -> dict:
+    """One optimizer step over `micro_batches` (dicts of input_ids, attention_mask, labels on the model's
+    device): the loss is the mean over all their labelled tokens (plus the adapters' extra loss terms),
+    then gradient clipping, the update, the schedule and the adapters' after-step hooks.
+    Returns {"loss", "lr", "grad_norm", "tokens", "label_tokens"}; used by train() and by tools/."""
+    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    n_input = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    adapters = list(adapter_layers(model).values())
+    loss_sum = 0.0
+    for b in micro_batches:
+        loss, _ = causal_lm_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+        (loss / max(n_labels, 1)).backward()
+        loss_sum += loss.item()
+    extra = [t for t in (a.extra_loss() for a in adapters) if t is not None]
+    if extra:
+        extra_sum = torch.stack([t.float() for t in extra]).sum()
+        extra_sum.backward()
+        loss_sum += extra_sum.item() * max(n_labels, 1)
+    mean = loss_sum / max(n_labels, 1)
+    grad_norm = None
+    if math.isfinite(mean) and max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(_trainable(model), max_grad_norm))
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+    if math.isfinite(mean):
+        optimizer.step()
+        scheduler.step()
+        for a in adapters:
+            a.after_optimizer_step(scheduler.last_epoch)
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": n_input, "label_tokens": n_labels}
 
 
 def check_vocab(train_rows, eval_rows, model) -> None:

@@ -96,7 +96,7 @@ def one_thread():
 def _eager_by_default():
     """The suite runs qtune's fused kernels eagerly (the same math; compiling each new shape costs
     seconds); tests of the compiled kernels ask for the `compiled` fixture."""
-    import qtune.compile as qc
+    import qtune.engine.compiled as qc
 
     old = os.environ.get("QTUNE_COMPILE")
     os.environ["QTUNE_COMPILE"] = "0"
@@ -110,16 +110,15 @@ def _eager_by_default():
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """torch.compile on for this test (qtune.compile), as in a user's run."""
-    import qtune.compile as qc
+    """torch.compile on for this test (qtune.engine.compiled), as in a user's run. Whether the decoder
+    blocks compiled is each test's own check (Engine.execution_report)."""
+    import qtune.engine.compiled as qc
 
     monkeypatch.setenv("QTUNE_COMPILE", "1")
     monkeypatch.setattr(qc, "_enabled", True)
     monkeypatch.setattr(qc, "_failed", False)
-    monkeypatch.setattr(qc, "_layers_failed", False)
     yield
     assert not qc._failed, "torch.compile failed on this machine: the compiled path was not tested"
-    assert not qc._layers_failed, "torch.compile of the decoder layers failed on this machine: not tested"
 
 
 @pytest.fixture(autouse=True, scope="session")

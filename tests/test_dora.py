@@ -1,4 +1,5 @@
-"""DoRALinear (qtune/adapters/dora.py) against the paper's equation, PEFT, and its own merge."""
+"""DoRALinear (qtune/adapters/dora.py) against the paper's equation, PEFT, and its own merge; the
+engine's fused node (qtune.engine.fused.DoRANode) against the same equation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtune.adapters.dora import DoRALinear, foldable
+from qtune.adapters.dora import DoRALinear
+from qtune.engine import linear as engine_linear
+from qtune.engine.fused import foldable
 from quant import QuantLinear
 import conftest
 from conftest import TOL, dense_weight
@@ -47,6 +50,11 @@ def naive_dora(x, weight, bias, A, B, m, scale, detach_norm):
     return F.linear(x, w_prime, bias)
 
 
+def forward(layer, x, form: str):
+    """The reference forward (the module's own) or the engine's eager fast form of it."""
+    return layer(x) if form == "reference" else engine_linear.eager(layer, x)
+
+
 def grads_of(y, grad_out, tensors):
     return torch.autograd.grad(y, tensors, grad_out)
 
@@ -61,14 +69,15 @@ def test_equals_base_at_init(kind, bias):
     torch.testing.assert_close(layer.magnitude, dense_weight(base).norm(dim=1), **FP32)
 
 
+@pytest.mark.parametrize("form", ["reference", "fused"])
 @pytest.mark.parametrize("kind", ["quant", "quant_unaligned", "dense"])
 @pytest.mark.parametrize("detach_norm", [False, True])
-def test_matches_naive_reference_forward_and_grads(kind, detach_norm):
+def test_matches_naive_reference_forward_and_grads(kind, detach_norm, form):
     base = make_base(kind)
     assert foldable(base) == (kind == "quant")  # both of the fused node's paths are covered
     layer = randomize_(DoRALinear(base, RANK, SCALE, detach_norm=detach_norm))
     x = torch.randn(3, 5, base.in_features, requires_grad=True)
-    y = layer(x)
+    y = forward(layer, x, form)
     params = [layer.lora_A, layer.lora_B, layer.magnitude]
     A, B, m = (p.detach().clone().requires_grad_(True) for p in params)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -111,7 +120,7 @@ def test_quantized_equals_same_computation_on_dequantized_weight():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_matches_peft_dora(dropout, compiled):
+def test_matches_peft_dora(dropout):
     """Same A, B, magnitude as PEFT's DoRA (use_dora=True) → same output and gradients, dropout included.
 
     PEFT names the magnitude `lora_magnitude_vector.<adapter>.weight` in the model and
@@ -173,7 +182,7 @@ def test_reset_magnitude_makes_layer_equal_w_plus_delta():
     layer = randomize_(DoRALinear(base, RANK, SCALE))
     layer.reset_magnitude()
     x = torch.randn(5, IN)
-    want = F.linear(x, dense_weight(base) + layer.delta_weight().detach(), base.bias)
+    want = F.linear(x, dense_weight(base) + layer.lora_delta().detach(), base.bias)
     torch.testing.assert_close(layer(x), want, **FP32)
 
 
@@ -197,7 +206,8 @@ def test_dropout_only_in_training_and_any_input_rank():
     assert y.shape == (OUT,) and not torch.allclose(y, without(x))
 
 
-def test_small_magnitude_changes_reach_a_bf16_output():
+@pytest.mark.parametrize("form", ["reference", "fused"])
+def test_small_magnitude_changes_reach_a_bf16_output(form):
     """m/n − 1 is kept apart from 1: a 0.3% magnitude change must move bf16 outputs (rounding m/n
     itself to bf16 snaps 1.003 to 1.0, and the magnitude then has no effect at all)."""
     from qtune.adapters.dora import DoRALinear
@@ -208,14 +218,15 @@ def test_small_magnitude_changes_reach_a_bf16_output():
                        rank=4, scale=1.0)
     x = torch.randn(16, 64, dtype=torch.bfloat16) * 3
     with torch.no_grad():
-        before = layer(x)
+        before = forward(layer, x, form)
         layer.magnitude.mul_(1.003)
-        after = layer(x)
+        after = forward(layer, x, form)
     assert (after != before).float().mean() > 0.2
 
 
+@pytest.mark.parametrize("form", ["reference", "fused"])
 @pytest.mark.parametrize("kind", ["quant", "quant_unaligned"])
-def test_a_zero_magnitude_keeps_its_gradient(kind):
+def test_a_zero_magnitude_keeps_its_gradient(kind, form):
     """The folded path reads dL/dm from y = c ⊙ u as Σ g ⊙ y / m; a row with m = 0 (c = 0 would lose u)
     still gets the naive equation's gradient, and its output stays 0 to fp32 precision."""
     base = make_base(kind)
@@ -223,7 +234,7 @@ def test_a_zero_magnitude_keeps_its_gradient(kind):
     with torch.no_grad():
         layer.magnitude[[0, 5]] = 0.0
     x = torch.randn(4, 6, base.in_features)
-    y = layer(x)
+    y = forward(layer, x, form)
     A, B, m = (p.detach().clone().requires_grad_(True) for p in (layer.lora_A, layer.lora_B, layer.magnitude))
     y_ref = naive_dora(x, dense_weight(base), base.bias, A, B, m, SCALE, True)
     torch.testing.assert_close(y, y_ref, **FP32)

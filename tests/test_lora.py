@@ -1,4 +1,5 @@
-"""LoRA layer: equals the base at init, matches the paper's equation written here, and PEFT."""
+"""LoRA layer: equals the base at init, matches the paper's equation written here, and PEFT; the engine's
+fused node (qtune.engine.fused.LoRANode) matches the same equation."""
 
 import math
 
@@ -9,6 +10,7 @@ from torch import nn
 from conftest import TOL
 from qtune.adapters import attach_adapters
 from qtune.adapters.lora import LoRALinear
+from qtune.engine import linear as engine_linear
 from quant import QuantLinear
 
 
@@ -18,33 +20,39 @@ def naive_lora(x, W, bias, A, B, s):
     return y if bias is None else y + bias
 
 
+def run(layer, x, form):
+    return layer(x) if form == "reference" else engine_linear.eager(layer, x)
+
+
+@pytest.mark.parametrize("form", ["reference", "fused"])
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_equals_base_at_init_and_matches_naive(quantized, bias):
+def test_lora_equals_base_at_init_and_matches_naive(quantized, bias, form):
     torch.manual_seed(0)
     lin = nn.Linear(48, 40, bias=bias)
     base = QuantLinear.from_linear(lin, compute_dtype=torch.float32) if quantized else lin.requires_grad_(False)
     layer = LoRALinear(base, rank=4, scale=2.0)
     x = torch.randn(3, 5, 48)
-    torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)  # B = 0: exactly the base
+    torch.testing.assert_close(run(layer, x, form), base(x), atol=0, rtol=0)  # B = 0: exactly the base
 
     with torch.no_grad():
         layer.lora_B.normal_()
     W = base.dequantized_weight(torch.float32) if quantized else lin.weight.detach()
     b = None if not bias else lin.bias.detach()
     x1 = x.clone().requires_grad_()
-    layer(x1).square().sum().backward()
+    run(layer, x1, form).square().sum().backward()
     A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
     x2 = x.clone().requires_grad_()
     ref = naive_lora(x2, W, b, A, B, 2.0)
     ref.square().sum().backward()
-    torch.testing.assert_close(layer(x), ref.detach(), **TOL[torch.float32])
+    torch.testing.assert_close(run(layer, x, form).detach(), ref.detach(), **TOL[torch.float32])
     for got, want in [(x1.grad, x2.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad)]:
         torch.testing.assert_close(got, want, **TOL[torch.float32])
     assert all(p.grad is None for p in base.parameters())
 
 
-def test_lora_with_dropout_matches_the_equation_on_the_same_mask():
+@pytest.mark.parametrize("form", ["reference", "fused"])
+def test_lora_with_dropout_matches_the_equation_on_the_same_mask(form):
     """Dropout on the adapter's input only: y = x Wᵀ + s·(drop(x) Aᵀ) Bᵀ; dL/dx gets the base's part
     through x and the adapter's through the mask (the fused node's separate-input path)."""
     torch.manual_seed(3)
@@ -56,7 +64,7 @@ def test_lora_with_dropout_matches_the_equation_on_the_same_mask():
     x1 = torch.randn(3, 5, 48).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
     torch.manual_seed(7)
-    y = layer(x1)
+    y = run(layer, x1, form)
     y.square().sum().backward()
     A, B = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
     torch.manual_seed(7)

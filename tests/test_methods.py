@@ -93,7 +93,7 @@ def test_pissa_resume_reuses_the_saved_init(tiny_llama, corpus, tmp_path, monkey
 
 
 def test_rosa_resume_reuses_the_saved_mask_and_peft_export_is_refused(tiny_llama, corpus, tmp_path, monkeypatch):
-    import qtune.rosa_support as rs
+    import qtune.adapters.rosa_mask as rs
     from qtune.errors import QtuneError
 
     cfg = cfg_for(tiny_llama, corpus, tmp_path / "run", method="qrosa", rosa_density=0.05, max_steps=2)

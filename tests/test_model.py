@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOL
-from qtune.model import ChunkedCrossEntropy, causal_lm_loss, ce_block_rows, ce_chunk_tokens
+from qtune.engine import causal_lm_loss
+from qtune.engine.loss import ChunkedCrossEntropy, ce_block_rows, ce_chunk_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -43,8 +44,8 @@ def test_vocabulary_blocked_cross_entropy_against_fp64(dtype, chunk, monkeypatch
     44; targets in every block, chunks of 32 rows or one chunk) against the loss and gradient of
     softmax(hWᵀ) − onehot(y) computed in fp64 on the full logits; evaluation (no gradient) gives the
     same loss."""
-    import qtune.compile as qc
-    import qtune.model as qm
+    import qtune.engine.compiled as qc
+    import qtune.engine.loss as qm
 
     monkeypatch.setattr(qc, "_enabled", True)
     monkeypatch.setattr(qm, "CE_VOCAB_BLOCK", 64)
@@ -74,7 +75,7 @@ def test_vocabulary_blocked_cross_entropy_against_fp64(dtype, chunk, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_chunk_matches_the_eager_one_and_torch(dtype, monkeypatch):
     """The fused (torch.compile) chunk kernel against the eager in-place path and torch's CE."""
-    import qtune.compile as qc
+    import qtune.engine.compiled as qc
 
     torch.manual_seed(0)
     n, h, vocab = 70, 16, 300
@@ -109,7 +110,7 @@ def _step_grads(model, ids):
 @pytest.mark.parametrize("method", ["qlora", "qrosa"])
 def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, tmp_path, method, monkeypatch, compiled):
     """Checkpointing with down_proj's base skipped in the recomputation gives the gradients of a run
-    without checkpointing, and dequantizes 6 + 7 + 7 times per layer instead of 7 + 7 + 7 (eager
+    without checkpointing, and dequantizes 7 + 6 + 7 times per layer instead of 7 + 7 + 7 (eager
     layers; compiled ones: tests/test_compiled_layers.py)."""
     from quant.formats import QuantizedWeight
     from qtune.config import TrainConfig
@@ -134,11 +135,12 @@ def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, t
     model.train()
     loss_ckpt, grads_ckpt = _step_grads(model, ids)
     layers = len(model.model.layers)
-    assert len(calls) == layers * (7 + 6 + 7)
-    model.gradient_checkpointing_disable()
+    # the first layer's q, k, v need no dL/dx in backward (the embeddings are frozen): 3 fewer
+    assert len(calls) == layers * (7 + 6 + 7) - 3
+    model.qtune_engine.checkpointing = False
     calls.clear()
     loss_plain, grads_plain = _step_grads(model, ids)
-    assert len(calls) == layers * (7 + 7)
+    assert len(calls) == layers * (7 + 7) - 3
     torch.testing.assert_close(loss_ckpt, loss_plain, **TOL[torch.float32])
     assert grads_ckpt.keys() == grads_plain.keys() and len(grads_ckpt) > 0
     for name in grads_plain:
@@ -146,60 +148,37 @@ def test_recomputation_skips_down_proj_and_gradients_are_unchanged(tiny_llama, t
 
 
 def test_attention_choice_and_eager_equals_sdpa(tiny_llama, tmp_path, compiled):
-    """qtune's compiled eager attention and transformers' eager equal sdpa (fp32, GQA, left padding)."""
+    """qtune's eager attention (compiled softmax) equals torch's sdpa inside qtune's block (fp32, GQA,
+    left padding), and the choice between them follows the scores' size."""
     from qtune.config import TrainConfig
-    from qtune.model import EAGER_ATTENTION_BYTES, attention_implementation, build_model, eager_scores_bytes
+    from qtune.engine.attention import EAGER_ATTENTION_BYTES, choose_attention, eager_scores_bytes
+    from qtune.model import build_model
 
     cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), rank=4, seq_len=32,
                       batch_size=2, compute_dtype="float32")
     model, *_ = build_model(cfg, tmp_path / "r", progress=False)
     config = model.config
-    assert attention_implementation(config, 4, 256, True) == "qtune_eager"
-    assert attention_implementation(config, 4, 256, False) == "sdpa"  # all layers' scores would be kept
-    assert attention_implementation(config, 4, 256, True, device="cuda") == "sdpa"
+    assert choose_attention(config, 4, 256, True) == "eager"
+    assert choose_attention(config, 4, 256, False) == "sdpa"  # all layers' scores would be kept
+    assert choose_attention(config, 4, 256, True, device="cuda") == "sdpa"
     big = next(s for s in (256 * 2 ** k for k in range(12)) if eager_scores_bytes(config, 4, s) > EAGER_ATTENTION_BYTES)
-    assert attention_implementation(config, 4, big, True) == "sdpa"
-    assert model.config._attn_implementation == "qtune_eager"
+    assert choose_attention(config, 4, big, True) == "sdpa"
+    assert model.qtune_engine.attention == "eager"
     ids = torch.randint(3, model.config.vocab_size, (2, 32))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding: the mask must reach both implementations
     labels = torch.where(mask.bool(), ids, -100)
     labels[1, 5] = -100  # predicted from a padded position, whose hidden state is implementation-defined
     out = {}
-    for impl in ("qtune_eager", "eager", "sdpa"):
-        model.set_attn_implementation(impl)
+    for impl in ("eager", "sdpa"):
+        model.qtune_engine.attention = impl
         model.zero_grad(set_to_none=True)
         loss, _ = causal_lm_loss(model, ids, mask, labels)
         loss.backward()
         out[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad])
-    for impl in ("qtune_eager", "eager"):
-        torch.testing.assert_close(out[impl][0], out["sdpa"][0], **TOL[torch.float32])
-        for a, b in zip(out[impl][1], out["sdpa"][1]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_fused_norms_and_mlp_equal_transformers(tiny_model_factory, arch, compiled):
-    """qtune.kernels' compiled RMSNorm, SiLU·up and rotary embedding give transformers' logits and gradients (fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    from qtune.kernels import fuse_elementwise
-
-    folder = tiny_model_factory(arch)
-    ref, fused = (AutoModelForCausalLM.from_pretrained(folder) for _ in range(2))
-    routed = fuse_elementwise(fused)
-    layers = ref.config.num_hidden_layers
-    # 2 norms + MLP per layer, + the attention (llama; qwen3 normalises q and k: its own forward) or + q/k norms
-    assert routed == layers * (4 if arch == "llama" else 5) + 1  # + the final norm
-    ids = torch.randint(3, ref.config.vocab_size, (2, 16))
-    outs = []
-    for model in (ref, fused):
-        logits = model(ids).logits
-        logits.square().mean().backward()
-        outs.append((logits.detach(), [p.grad for p in model.parameters()]))
-    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL[torch.float32])
-    for a, b in zip(outs[1][1], outs[0][1]):
-        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(out["eager"][0], out["sdpa"][0], **TOL[torch.float32])
+    for a, b in zip(out["eager"][1], out["sdpa"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
 
 
 def test_a_failing_compile_falls_back_to_the_same_eager_result(monkeypatch):
@@ -207,7 +186,7 @@ def test_a_failing_compile_falls_back_to_the_same_eager_result(monkeypatch):
 
     from torch._dynamo.exc import TorchDynamoException
 
-    import qtune.compile as qc
+    import qtune.engine.compiled as qc
 
     def broken_compile(fn, **kw):
         def run(*a, **k):
@@ -233,20 +212,16 @@ def test_a_failing_compile_falls_back_to_the_same_eager_result(monkeypatch):
 def test_qtune_eager_attention_matches_naive_softmax_attention(t, compiled):
     """GQA without repeat_kv and the causal halves equal softmax(QKᵀ·s + mask)V written out (fp32),
     values and gradients, with left padding; rows with every key masked are left out (no label)."""
-    from qtune.kernels import qtune_eager_attention
+    from qtune.engine.attention import eager_attention
 
     torch.manual_seed(0)
     b, heads, kv, d = 2, 6, 2, 8
-
-    class Module:
-        num_key_value_groups, is_causal, training = heads // kv, True, True
-
     q, k, v = (torch.randn(b, n, t, d, requires_grad=True) for n in (heads, kv, kv))
     neg = torch.finfo(torch.float32).min
     mask = torch.full((t, t), neg).triu(1).expand(b, 1, t, t).clone()
     pad = min(3, t - 1)
     mask[1, :, :, :pad] = neg  # left padding in the second row: its first `pad` queries see no key
-    out, _ = qtune_eager_attention(Module, q, k, v, mask, 0.3)
+    out = eager_attention(q, k, v, mask, 0.3)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g * _live(b, t, pad)[..., None, None])
 
@@ -275,7 +250,7 @@ def _dora_model(tiny_llama, tmp_path, stash: bool):
 
     cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), method="qdora", rank=4,
                       seq_len=32, batch_size=2, compute_dtype="float32", gradient_checkpointing=True,
-                      dora_stash=stash)
+                      recompute="default" if stash else "full")
     model, *_ = build_model(cfg, tmp_path / "r", progress=False)
     torch.manual_seed(1)
     for m in model.modules():  # non-zero B and m ≠ ‖W‖, so every DoRA term matters
@@ -287,19 +262,17 @@ def _dora_model(tiny_llama, tmp_path, stash: bool):
 
 
 @pytest.mark.parametrize("stash", [True, False])
-def test_dora_recomputation_reuses_its_norms_and_gradients_are_unchanged(tiny_llama, tmp_path, stash, monkeypatch,
-                                                                          compiled):
-    """QDoRA under checkpointing: the recomputation reuses the forward's row norms (so it dequantizes
-    each weight once, scaled, where the forward did twice: plain for A·Wᵀ, then scaled), and with the
-    stash skips down_proj, whose output the forward kept. Gradients equal a run without checkpointing.
-    (Eager layers, as on CUDA or with --no-compile; compiled ones: tests/test_compiled_layers.py.)"""
+def test_dora_recomputation_keeps_down_proj_and_gradients_are_unchanged(tiny_llama, tmp_path, stash, monkeypatch,
+                                                                         compiled):
+    """QDoRA under eager checkpointing: each forward dequantizes each weight twice (plain for A·Wᵀ and the
+    norms, then scaled); the recomputation of down_proj, whose output the forward kept
+    (--recompute default), only the plain one for its norms. Gradients equal a run without
+    checkpointing. (Eager layers, as on CUDA or with --no-compile; compiled ones: test_compiled_layers.)"""
     from quant.formats import QuantizedWeight
 
     monkeypatch.setenv("QTUNE_COMPILE_LAYERS", "0")
     model = _dora_model(tiny_llama, tmp_path, stash)
     ids = torch.randint(3, model.config.vocab_size, (2, 32))
-    with torch.no_grad():
-        model(ids)  # each layer's ‖W‖²_row, computed once per run from its own dequantization
     calls = {"plain": 0, "scaled": 0}
     real = QuantizedWeight.dequantize
 
@@ -309,64 +282,17 @@ def test_dora_recomputation_reuses_its_norms_and_gradients_are_unchanged(tiny_ll
     monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
     loss_ckpt, grads_ckpt = _step_grads(model, ids)
     layers = len(model.model.layers)
-    # forward: 7 plain + 7 scaled; recomputation: 7 scaled (6 with the stash); backward: 7 scaled
-    assert calls == {"plain": layers * 7, "scaled": layers * (7 + (6 if stash else 7) + 7)}
-    model.gradient_checkpointing_disable()
+    # forward: 7 plain + 7 scaled; recomputation: the same (down_proj: 1 plain, no scaled, when kept);
+    # backward: 7 scaled
+    assert calls == {"plain": layers * 14, "scaled": layers * (7 + (6 if stash else 7) + 7) - 3}
+    model.qtune_engine.checkpointing = False
     calls.update(plain=0, scaled=0)
     loss_plain, grads_plain = _step_grads(model, ids)
-    assert calls == {"plain": layers * 7, "scaled": layers * (7 + 7)}
+    assert calls == {"plain": layers * 7, "scaled": layers * (7 + 7) - 3}
     torch.testing.assert_close(loss_ckpt, loss_plain, **TOL[torch.float32])
     assert grads_ckpt.keys() == grads_plain.keys() and len(grads_ckpt) > 0
     for name in grads_plain:
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
-
-
-def test_dora_norms_once_per_optimizer_step_inside_parameters_fixed(tiny_llama, tmp_path, monkeypatch):
-    """Gradient accumulation: inside parameters_fixed() (qtune.train's micro-batches of one step) only the
-    first forward computes QDoRA's norms (one plain dequantization per linear for all micro-batches), the
-    gradients equal those computed without it, and leaving it forgets the norms, so an update that bumps
-    no version counter (.data) is seen by the next forward."""
-    from qtune.adapters.dora import parameters_fixed
-    from quant.formats import QuantizedWeight
-
-    model = _dora_model(tiny_llama, tmp_path, stash=True)
-    batches = [torch.randint(3, model.config.vocab_size, (2, 32)) for _ in range(3)]
-    calls = {"plain": 0, "scaled": 0}
-    real = QuantizedWeight.dequantize
-
-    def counted(self, dtype=None, row_scale=None, scales=None):
-        calls["plain" if row_scale is None else "scaled"] += 1
-        return real(self, dtype, row_scale, scales)
-
-    def accumulate(fixed: bool) -> dict:
-        model.zero_grad(set_to_none=True)
-        with parameters_fixed() if fixed else contextlib.nullcontext():
-            for ids in batches:
-                loss, n = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
-                (loss / n).backward()
-        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-    with torch.no_grad():
-        model(batches[0])  # each layer's ‖W‖²_row, computed once per run
-    monkeypatch.setattr(QuantizedWeight, "dequantize", counted)
-    fixed = accumulate(True)
-    assert calls["plain"] == len(model.model.layers) * 7  # the first micro-batch's forward only
-    calls.update(plain=0)
-    free = accumulate(False)
-    assert calls["plain"] == len(model.model.layers) * 7 * len(batches)
-    for name in free:
-        torch.testing.assert_close(fixed[name], free[name], **TOL[torch.float32], msg=name)
-    ids = batches[0]
-    with parameters_fixed():
-        model(ids)  # norms stored
-    for m in model.modules():
-        if hasattr(m, "magnitude"):
-            m.lora_B.data.mul_(3.0)  # no version bump
-    with parameters_fixed():
-        got = model(ids).logits
-    with torch.no_grad():
-        want = model(ids).logits  # no grad: norms computed afresh
-    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 def test_dora_stash_is_freed_by_its_backward_and_a_second_backward_is_refused(tiny_llama, tmp_path):
@@ -374,19 +300,33 @@ def test_dora_stash_is_freed_by_its_backward_and_a_second_backward_is_refused(ti
     long as the loss does); a retain_graph second backward, which would need them, gets a clear error."""
     import weakref
 
-    from qtune.recompute import recomputing
+    import qtune.engine.linear as engine_linear
+    from qtune.engine.fused import KEEP
 
     model = _dora_model(tiny_llama, tmp_path, stash=True)
     kept = []
-    for layer in model.model.layers:
-        layer.mlp.down_proj.register_forward_hook(
-            lambda mod, args, out: None if recomputing() else kept.append(weakref.ref(out)))
+    real = engine_linear.dora_node
+
+    def recording(layer, x, mode):
+        out = real(layer, x, mode)
+        if mode == KEEP:
+            kept.append(weakref.ref(out))
+        return out
+
+    engine_linear.dora_node = recording
+    try:
+        _dora_stash_run(model, kept)
+    finally:
+        engine_linear.dora_node = real
+
+
+def _dora_stash_run(model, kept):
     ids = torch.randint(3, model.config.vocab_size, (2, 32))
     loss, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
     assert len(kept) == len(model.model.layers) and all(r() is not None for r in kept)  # held for backward
     loss.backward(retain_graph=True)
     assert all(r() is None for r in kept)  # the loss and its graph are still alive
-    with pytest.raises(RuntimeError, match="--no-dora-stash"):
+    with pytest.raises(RuntimeError, match="--recompute full"):
         loss.backward()
 
 

@@ -55,29 +55,29 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
     qkv = h + 2 * kv + h  # and, with --keep-qkv (default), each layer's q, k, v and o_proj's u
     assert compiled.layer_inputs == L * b * t * (2 * h + 7 * 4 + qkv) * c
     lean = plan_memory(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora",
-                                   keep_qkv=False))
+                                   keep_qkv=False))  # the older flag: only the attention's part of --recompute
     assert lean.layer_inputs == L * b * t * (2 * h + 7 * 4) * c
     # the layer in backward has its q, k, v, o among the kept ones, not twice
     assert compiled.activations - lean.activations == (L - 1) * b * t * qkv * c
-    assert any(t.startswith("--no-keep-qkv: ") for t in suggestions(
+    assert any(t.startswith("--recompute full: ") for t in suggestions(
         TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, method="qdora"), 2**40))
     assert not any("dora" in t for t in suggestions(TrainConfig(model=str(tiny_llama), compute_dtype="bfloat16", rank=4,
                                                                 batch_size=b, seq_len=t, method="qdora"), 2**40))
     base = dict(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t, compile=False)
     lora = plan_memory(TrainConfig(**base))
     on = plan_memory(TrainConfig(**base, method="qdora"))
-    off = plan_memory(TrainConfig(**base, method="qdora", dora_stash=False))
+    off = plan_memory(TrainConfig(**base, method="qdora", recompute="full"))
     outs = h + 2 * kv + h + 2 * i + h  # q, k, v, o, gate, up, down
     assert off.layer_inputs == lora.layer_inputs == L * b * t * h * c
     assert off.activations - lora.activations == b * t * c * outs
     assert on.layer_inputs == 2 * off.layer_inputs
     assert on.activations - lora.activations == L * b * t * h * c + b * t * c * (outs - h)
     tips = suggestions(TrainConfig(**base, method="qdora"), 2**40)
-    assert any(t.startswith("--no-dora-stash: ") for t in tips)
+    assert any(t.startswith("--recompute full: ") for t in tips)
     assert not any("dora" in t for t in suggestions(TrainConfig(**base), 2**40))
     plain = dict(base, gradient_checkpointing=False)  # no recomputation, so nothing is stashed
     assert plan_memory(TrainConfig(**plain, method="qdora")) == plan_memory(TrainConfig(**plain, method="qdora",
-                                                                                         dora_stash=False))
+                                                                                         recompute="full"))
 
 
 def test_checkpointing_and_8bit_optimizer_lower_the_plan(tiny_llama):

@@ -90,10 +90,11 @@ def quiet_bitsandbytes():
 
 # --- shared by both sides ----------------------------------------------------------------------
 
-def heldout_loss(model, data: dict, autocast: bool) -> float:
+def heldout_loss(model, data: dict, autocast: bool, logits_fn=None) -> float:
     """Mean next-token cross-entropy (fp32, from the logits) over the labelled tokens of the held-out rows.
 
-    The same function scores both sides: row by row, model(input_ids, attention_mask).logits. The model
+    The same function scores both sides: row by row, model(input_ids, attention_mask).logits (qtune's:
+    its engine's final hidden states through the head, `logits_fn`). The model
     stays in train mode (dropout 0 on both sides, so this is eval-mode math) — see the module docstring
     for the bitsandbytes CPU eval-mode quirk that rules eval mode out for the peer."""
     import torch
@@ -107,7 +108,10 @@ def heldout_loss(model, data: dict, autocast: bool) -> float:
         for i in range(ids.shape[0]):
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
             with ctx:
-                logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits  # (1, t, vocab)
+                if logits_fn is not None:
+                    logits = logits_fn(ids[i:i + 1], mask[i:i + 1])  # (1, t, vocab)
+                else:
+                    logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
             target = labels[i, 1:]  # position j predicts token j + 1
             total += float(F.cross_entropy(logits[0, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
             count += int((target != IGNORE_INDEX).sum())
@@ -234,11 +238,12 @@ def _train_loop(step_fn, data: dict, warmup: int, steps: int) -> dict:
 def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16") -> dict:
     import torch
 
+    from qtune.adapters.rosa_mask import choose_supports
     from qtune.config import TrainConfig
     from qtune.errors import QtuneError
     from qtune.memory import MemoryMeter, configure_host_allocator
-    from qtune.model import build_model, causal_lm_loss, decoder_layers
-    from qtune.train import _trainable, lr_factor, make_optimizer
+    from qtune.model import build_model, decoder_layers
+    from qtune.train import lr_factor, make_optimizer, train_step
 
     configure_host_allocator(torch.device("cpu"), rss_bounded=False)  # as qtune.train does on CPU before loading
     total = warmup + steps
@@ -257,8 +262,6 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
             return {"unavailable": str(e)}
         raise
     # RoSA: choose the sparse support from the first batches, as qtune.train does before the optimizer
-    from qtune.rosa_support import choose_supports
-
     order = data["order"]
     choose_supports(model, ({"input_ids": data["input_ids"][order[k]], "attention_mask": data["attention_mask"][order[k]],
                              "labels": data["labels"][order[k]]} for k in range(min(cfg.rosa_mask_steps, len(order)))),
@@ -269,28 +272,23 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.lr_scheduler))
     meter = MemoryMeter(torch.device("cpu")).attach(decoder_layers(model))
-    trainable = _trainable(model)
-    before = heldout_loss(model, data, autocast=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    logits = lambda ids, mask: model.lm_head(model.qtune_engine.hidden_states(ids, mask))  # noqa: E731
+    before = heldout_loss(model, data, autocast=False, logits_fn=logits)
     model.train()
 
     done = [0]
 
-    def step(ids, mask, labels):  # the body of qtune.train.train's step (grad_accum 1), minus logging
+    def step(ids, mask, labels):  # qtune.train.train_step, as train() runs it (grad_accum 1)
         done[0] += 1
         meter.begin_step(done[0])
-        n_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-        loss, _ = causal_lm_loss(model, ids, mask, labels)
-        (loss / max(n_tokens, 1)).backward()
-        value = loss.item() / max(n_tokens, 1)
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return value
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm)["loss"]
 
     res = _train_loop(step, data, warmup, steps)
+    res["execution"] = model.qtune_engine.execution_report(1)  # which path the layers ran: a speed path must say
     train_rss = peak_rss_bytes()
-    after = heldout_loss(model, data, autocast=False)
+    after = heldout_loss(model, data, autocast=False, logits_fn=logits)
     meter.detach()
     return {**res, "setup_s": setup_s, "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": train_rss,
             "heldout_before": before, "heldout_after": after,
@@ -374,6 +372,7 @@ def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None
         return loss.item()
 
     res = _train_loop(step, data, warmup, steps)
+    res["execution"] = model.qtune_engine.execution_report(1)  # which path the layers ran: a speed path must say
     train_rss = peak_rss_bytes()
     after = heldout_loss(model, data, autocast=autocast)
     return {**res, "setup_s": setup_s, "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": train_rss,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtune.adapters.base import Adapter
 from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
@@ -12,11 +13,11 @@ from qtune.errors import QtuneError
 from quant import QuantLinear
 
 # method name -> the layer that wraps a frozen base linear (qpissa is LoRA with --init pissa)
-ADAPTER_LAYERS: dict[str, type[nn.Module]] = {
+ADAPTER_LAYERS: dict[str, type[Adapter]] = {
     "qlora": LoRALinear,
     "qpissa": LoRALinear,
     "qdora": DoRALinear,
-    "qrosa": RoSALinear,  # its sparse support is chosen before training (qtune.rosa_support)
+    "qrosa": RoSALinear,  # its sparse support is chosen before training (qtune.adapters.rosa_mask)
 }
 
 
@@ -25,7 +26,7 @@ def layer_options(method: str, cfg) -> dict:
     return {"qdora": {"detach_norm": cfg.dora_detach_norm}}.get(method, {})
 
 
-def adapter_layer_for(method: str) -> type[nn.Module]:
+def adapter_layer_for(method: str) -> type[Adapter]:
     try:
         return ADAPTER_LAYERS[method]
     except KeyError:
@@ -64,10 +65,9 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     return [n for n, _ in targets]
 
 
-def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+def adapter_layers(model: nn.Module) -> dict[str, Adapter]:
     """name -> adapter layer, for every adapter in the model."""
-    kinds = tuple(set(ADAPTER_LAYERS.values()))
-    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,8 +82,7 @@ def set_initial_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> N
     for name, layer in adapter_layers(model).items():
         layer.lora_A.copy_(factors[f"{name}.lora_A"])
         layer.lora_B.copy_(factors[f"{name}.lora_B"])
-        if hasattr(layer, "reset_magnitude"):
-            layer.reset_magnitude()
+        layer.after_factors_loaded()
 
 
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,74 @@
+"""The adapter interface: what every method provides, so that no caller probes modules with hasattr.
+
+An adapter wraps one frozen base module (`base_layer`) of the model. Its `forward` is the method's
+reference forward: the paper's equation in plain torch, which every fast path (qtune.engine) is
+tested against. Export asks it for the merged tensors of its base; training may ask it for an extra
+loss term and calls its hook after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Adapter(nn.Module):
+    """Base class of the adapter methods (torchtune's AdapterModule, made explicit).
+
+    Subclasses set `base_layer` (the frozen module they adapt) and define `forward` (the reference
+    forward) and `delta_weight`. The defaults below fit an adapter of a linear's weight."""
+
+    base_layer: nn.Module
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors, by their names inside this module (what a checkpoint stores)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.") and p.requires_grad}
+
+    def delta_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """W' − W₀ for the dequantized base weight W₀ (out, in) fp32: some methods' updates depend on W₀."""
+        raise NotImplementedError
+
+    def merged_weight(self, base_weight: torch.Tensor) -> torch.Tensor:
+        """W' = W₀ + ΔW, fp32 (out, in)."""
+        return base_weight.float() + self.delta_weight(base_weight)
+
+    def merge(self, base_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base module's tensors after merging ({"weight": W₀, "bias": b} -> the same keys, fp32).
+        Methods that adapt a bias or a norm's weight override this."""
+        out = dict(base_tensors)
+        out["weight"] = self.merged_weight(base_tensors["weight"])
+        return out
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the training loss (e.g. an orthogonality penalty), or None."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step (e.g. a rank budget or a phase switch); nothing by default."""
+
+    def after_factors_loaded(self) -> None:
+        """Called after initial factors (PiSSA, MiLoRA, LoftQ) were copied into the adapter."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
+def base_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen base's weight (out, in) in fp32, dequantized if it is stored quantized."""
+    from quant import QuantLinear
+
+    return base.dequantized_weight(torch.float32) if isinstance(base, QuantLinear) else base.weight.detach().float()
+
+
+def init_lora_factors(rank: int, in_features: int, out_features: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A (r, in) Kaiming-uniform, B (out, r) zeros) in fp32, as PEFT and the LoRA reference code."""
+    import math
+
+    lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32))
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    return lora_A, nn.Parameter(torch.zeros(out_features, rank, dtype=torch.float32))

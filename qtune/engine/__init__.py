@@ -1,0 +1,94 @@
+"""qtune's fast path, in one package: the fused autograd nodes (fused), the custom operators (ops), the
+compiled decoder block (block, compiled), the recomputation policy (recompute) and the loss (loss).
+
+An Engine runs a model's decoder stack. For the families qtune accelerates it runs qtune's own block
+(each layer one compiled graph where it can be, else eager fused nodes); for any other model,
+transformers' own forward with the adapters' reference forwards. Either way it records which path each
+layer ran, and why (execution_report), and warns once when a layer that should have compiled did not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import torch
+from torch import nn
+
+from qtune.engine.block import biases, block_compile_reason, decoder_block, position_embeddings, rms_norm, unsupported_reason
+from qtune.engine.compiled import COMPILED, BlockRunner
+from qtune.engine.loss import IGNORE_INDEX, token_loss
+from qtune.engine.recompute import RecomputePolicy, context_fn
+from qtune.memory import probe
+
+# reasons a layer runs eager by configuration (not worth a warning): anything else is a failure
+CONFIGURED = ("compile off", "dropout", "dora norm gradient", "offloaded weights", "no checkpointing",
+              "not on cpu", "rosa support not chosen", "hooks")
+
+
+class Engine:
+    """The fast path of one model (attached as `model.qtune_engine` by qtune.model.build_model)."""
+
+    def __init__(self, model: nn.Module, attention: str = "eager", policy: RecomputePolicy = RecomputePolicy(),
+                 checkpointing: bool = True, compile_reason: str | None = None):
+        self.model, self.attention, self.policy, self.checkpointing = model, attention, policy, checkpointing
+        self.unsupported = unsupported_reason(model)
+        self.compile_reason = compile_reason  # why no layer may compile in this run (None: they may)
+        self.runner = BlockRunner(context_fn)
+        self._warned = False
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states (b, t, hidden)."""
+        inner = self.model.model
+        if self.unsupported is not None:  # transformers' forward; checkpointing is transformers' own
+            if torch.is_grad_enabled():
+                self.runner.paths = {i: f"generic ({self.unsupported})" for i in range(len(inner.layers))}
+            return inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = inner.embed_tokens(input_ids)
+        cos, sin = position_embeddings(self.model, h)
+        masks = biases(self.model, attention_mask, h.dtype)
+        p = self.policy
+        for i, layer in enumerate(inner.layers):
+            probe()
+            reason = self.compile_reason or block_compile_reason(layer)
+            h = self.runner.run(i, decoder_block, (layer, h, cos, sin, masks[i], self.attention, p.keep_attention,
+                                                   p.keep_down), reason, self.checkpointing)
+        probe()
+        return rms_norm(h, inner.norm.weight, float(inner.norm.variance_epsilon))
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """(sum of next-token cross-entropy over labelled tokens, their count)."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return token_loss(hidden, self.model.lm_head.weight, labels, chunk_tokens)
+
+    def execution_report(self, step: int) -> dict:
+        """metrics.jsonl's execution line: how many layers ran compiled (measured) and why others ran eager."""
+        paths = self.runner.paths
+        eager = Counter(r for r in paths.values() if r != COMPILED)
+        report = {"event": "execution", "step": step,
+                  "layers": {"compiled": sum(r == COMPILED for r in paths.values()), "eager": sum(eager.values())},
+                  "reasons": dict(eager)}
+        failed = [r for r in eager if not r.startswith(CONFIGURED)]
+        if failed and not self._warned:
+            self._warned = True
+            warnings.warn(f"{sum(eager[r] for r in failed)} of {len(paths)} decoder layers did not run compiled: "
+                          f"{'; '.join(failed)}. Training continues eagerly (same results, slower).", stacklevel=2)
+        return report
+
+
+def engine_of(model: nn.Module) -> Engine:
+    engine = getattr(model, "qtune_engine", None)
+    if engine is None:  # a model qtune did not build: its own forward, eagerly
+        engine = Engine(model, attention="sdpa", checkpointing=False, compile_reason="compile off")
+        model.qtune_engine = engine
+    return engine
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over labelled tokens, their count) through the model's engine."""
+    return engine_of(model).loss(input_ids, attention_mask, labels, chunk_tokens)
+
+
+__all__ = ["Engine", "RecomputePolicy", "causal_lm_loss", "engine_of", "IGNORE_INDEX"]

@@ -1,0 +1,135 @@
+"""The adapted linears of qtune's decoder block: which fast form runs for each module, in one place.
+
+Eagerly, a linear is one fused node (qtune.engine.fused); inside a compiled block it is traceable ops
+and qtune's operators (qtune.engine.ops). Whatever has no fast form (dropout on DoRA, DoRA with the
+norm's gradient, a base with hooks, a plain base) runs its own forward: the adapter's reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtune.adapters.dora import DoRALinear
+from qtune.adapters.lora import LoRALinear
+from qtune.adapters.rosa import RoSALinear
+from qtune.engine.fused import KEEP, REUSE, dora_node, fusable, lora_node
+from qtune.engine.ops import dora_row_norms, fold_sparse, keep, linear_lora, lora_down, rosa_linear
+from qtune.engine.recompute import recomputing
+from quant import QuantLinear
+from quant.formats import QuantizedWeight
+
+
+def compiled_form_reason(module: nn.Module) -> str | None:
+    """Why this module has no form for a compiled block (None: it has one)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "hooks"
+    if isinstance(module, (LoRALinear, DoRALinear, RoSALinear)):
+        if not isinstance(module.dropout, nn.Identity):
+            return "dropout"
+        if isinstance(module, DoRALinear) and not module.detach_norm:
+            return "dora norm gradient"
+        if isinstance(module, RoSALinear) and not module.nnz:
+            return "rosa support not chosen"
+        module = module.base_layer
+        if module._forward_hooks or module._forward_pre_hooks:
+            return "hooks"
+    if isinstance(module, QuantLinear) and type(module.qweight) is not QuantizedWeight:
+        return "offloaded weights"
+    return None
+
+
+# --- eager ------------------------------------------------------------------------------------------
+
+def eager(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_only: bool = False) -> torch.Tensor:
+    """One linear, eagerly. `sum_only`: its output only feeds a residual sum, so a recomputation may skip
+    its base GEMM (LoRA); `keep_output`: DoRA keeps its output for the recomputation instead."""
+    if module._forward_hooks or module._forward_pre_hooks:  # hooks see the module's own call
+        return module(x)
+    if isinstance(module, DoRALinear):
+        if module.detach_norm and isinstance(module.dropout, nn.Identity) and fusable(module.base_layer):
+            # eagerly only an output the recomputation does not read (sum_only) can be kept for backward
+            kept = (REUSE if recomputing() else KEEP) if keep_output and sum_only and torch.is_grad_enabled() else None
+            return dora_node(module, x, kept)
+        return module(x)
+    if isinstance(module, (LoRALinear, RoSALinear)) and fusable(module.base_layer):
+        return lora_node(module, x, skip_base=sum_only and recomputing())
+    return module(x)
+
+
+# --- traced (inside a compiled block) ---------------------------------------------------------------
+
+def traced_base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight (out, in) in `dtype` through traceable ops (bitsandbytes' registered ones)."""
+    return base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
+
+
+def _lora(layer, x, h):
+    """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora)."""
+    base, dtype = layer.base_layer, x.dtype
+    y = linear_lora(x, traced_base_weight(base, dtype), h, (layer.lora_B * layer.scale).to(dtype))
+    return y if base.bias is None else y + base.bias.to(dtype)
+
+
+def _dora(layer, x, h, keep_product: bool):
+    """u = x·D(W)ᵀ + s·h·Bᵀ, y = (m/n) ⊙ u + b, n without gradient (dora_row_norms, kept by the checkpoint).
+    `keep_product` keeps u (the magnitude's gradient reads it): the recomputation skips the base GEMM."""
+    base, dtype = layer.base_layer, x.dtype
+    w = traced_base_weight(base, dtype)
+    w_sq = getattr(layer, "_qtune_row_sq", None)
+    if w_sq is None:
+        with torch.no_grad():
+            w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+    n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
+    u = linear_lora(x, w, h, (layer.lora_B * layer.scale).to(dtype))
+    if keep_product:
+        u = keep(u)
+    y = (u.float() * (layer.magnitude / n)).to(dtype)  # c in fp32: rounded to bf16 it would snap to 1
+    return y if base.bias is None else y + base.bias.to(dtype)
+
+
+def _rosa(layer, x, h):
+    """x·(W + S)ᵀ + b + s·h·Bᵀ: S folded into the dequantized weight, dL/dvalues by an SDDMM (rosa_linear)."""
+    base, dtype = layer.base_layer, x.dtype
+    w_s = fold_sparse(traced_base_weight(base, dtype), layer.sparse_values.detach(), layer.sparse_indices)
+    y = rosa_linear(x, w_s, layer.sparse_values, layer.csr_crow, layer.csr_cols)
+    if base.bias is not None:
+        y = y + base.bias.to(dtype)
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), (layer.lora_B * layer.scale).to(dtype).t())
+    return out.view(y.shape)
+
+
+def traced(module: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None, keep_product: bool = False):
+    """One linear in a compiled block; h = x·Aᵀ when already formed (group)."""
+    if not isinstance(module, (LoRALinear, DoRALinear, RoSALinear)):
+        return module(x)
+    if h is None:
+        h = lora_down(x, module.lora_A.to(x.dtype))
+    if isinstance(module, DoRALinear):
+        return _dora(module, x, h, keep_product)
+    if isinstance(module, RoSALinear):
+        return _rosa(module, x, h)
+    return _lora(module, x, h)
+
+
+def keeps_own_product(module: nn.Module) -> bool:
+    """Whether the module keeps its product u itself when asked (DoRA: its magnitude's gradient reads u)."""
+    return isinstance(module, DoRALinear)
+
+
+# --- one entry for the block ------------------------------------------------------------------------
+
+def linear(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_only: bool = False) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return traced(module, x, keep_product=keep_output and keeps_own_product(module))
+    return eager(module, x, keep_output, sum_only)
+
+
+def group(modules: list[nn.Module], x: torch.Tensor, keep_output: bool = False) -> list[torch.Tensor]:
+    """[linear(m, x) for m in modules] for linears that read the same x (q/k/v, gate/up). Compiled, their
+    down-projections are one GEMM, h = x·[A₁; A₂; …]ᵀ, split by columns (and so are its gradients)."""
+    adapters = all(isinstance(m, (LoRALinear, DoRALinear, RoSALinear)) for m in modules)
+    if len(modules) > 1 and torch.compiler.is_compiling() and adapters:
+        hs = lora_down(x, torch.cat([m.lora_A for m in modules]).to(x.dtype)).split([m.rank for m in modules], -1)
+        return [traced(m, x, h, keep_output and keeps_own_product(m)) for m, h in zip(modules, hs)]
+    return [linear(m, x, keep_output) for m in modules]
+

@@ -1,0 +1,64 @@
+"""The recomputation policy: what a checkpointed decoder block keeps from its forward so that its
+recomputation (in backward) can skip the work that produced it.
+
+One setting, `--recompute`:
+- `default`: keep the attention's q, k, v (after the rotary embedding) and its output (o_proj's), or
+  for DoRA projections their products u; and DoRA's down_proj product (its magnitude's gradient
+  reads it). More memory (a few (tokens × width) tensors per layer, held until that layer's
+  backward) for fewer GEMMs in the recomputation.
+- `full`: keep nothing that costs memory.
+Independently of the setting, a linear whose output feeds only the block's residual sum (down_proj
+of LoRA and RoSA) skips its base GEMM in the recomputation: backward reads only the adapter's inputs.
+The older flags --keep-qkv and --dora-stash map onto `keep_attention` and `keep_down`.
+
+`recomputing()` is true inside a recomputation (torch.utils.checkpoint's context_fn); thread-local,
+since on CUDA the recomputation runs on autograd's device thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+CHOICES = ("default", "full")
+
+
+@dataclass(frozen=True)
+class RecomputePolicy:
+    keep_attention: bool = True
+    """Keep q, k, v and the attention's output (compiled blocks)."""
+    keep_down: bool = True
+    """Keep DoRA's down_proj product u (compiled and eager blocks)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "RecomputePolicy":
+        """From --recompute, with the older --keep-qkv / --dora-stash overriding their part when given."""
+        on = cfg.recompute == "default"
+        keep_qkv, dora_stash = getattr(cfg, "keep_qkv", None), getattr(cfg, "dora_stash", None)
+        return cls(keep_attention=on if keep_qkv is None else bool(keep_qkv),
+                   keep_down=on if dora_stash is None else bool(dora_stash))
+
+
+_state = threading.local()
+
+
+def recomputing() -> bool:
+    return getattr(_state, "on", False)
+
+
+class _Recomputation:
+    """recomputing() is true inside; re-enterable (a retain_graph backward recomputes again)."""
+
+    def __enter__(self):
+        self.previous = recomputing()
+        _state.on = True
+
+    def __exit__(self, *exc):
+        _state.on = self.previous
+        return False
+
+
+def context_fn():
+    """For torch.utils.checkpoint(context_fn=...): (forward context, recomputation context)."""
+    return contextlib.nullcontext(), _Recomputation()
