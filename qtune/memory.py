@@ -105,11 +105,10 @@ def release_freed_memory_promptly(threshold: int = 4 * 2**20, arenas: int = 2) -
 
     By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB),
     so the multi-MiB tensors a step allocates and frees (streamed weights, activations) end up in
-    its arenas, where freed space stays resident: on a 7B-wide model streamed from disk, 1.3 GiB of
-    a 3.3 GiB RSS was free arena space (tools/scale_7b.py). A fixed threshold sends every block of
-    ≥ `threshold` bytes to its own mapping, unmapped on free, and fewer arenas fragment less. The
-    cost is page faults on fresh mappings (~10% of step time at 7B width). Returns False where
-    there is no glibc (nothing changed)."""
+    its arenas, where freed space stays resident (a large share of the RSS of a model streamed from
+    disk: docs/benchmarks.md). A fixed threshold sends every block of ≥ `threshold` bytes to its own
+    mapping, unmapped on free, and fewer arenas fragment less; the cost is page faults on fresh
+    mappings. Returns False where there is no glibc (nothing changed)."""
     return _mallopt((M_MMAP_THRESHOLD, threshold), (M_ARENA_MAX, arenas))
 
 
@@ -118,8 +117,8 @@ def peak_rss_bytes() -> int:
 
     On Linux this is /proc/self/status's VmHWM, the high-water mark of this program's own address
     space. getrusage's ru_maxrss is not: the kernel carries it over from the parent across exec (and a
-    vfork'ed child starts from the parent's mark), so `qtune train` launched from a 3 GiB Jupyter or
-    pytest process would report at least 3 GiB (tests/test_plan.py shows it)."""
+    vfork'ed child starts from the parent's mark), so `qtune train` launched from a large Jupyter or
+    pytest process would report at least that process's peak (tests/test_plan.py shows it)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -134,9 +133,8 @@ def peak_rss_bytes() -> int:
 class MemoryMeter:
     """Tracks peak memory; `peak_bytes()` is what metrics.jsonl logs as peak_memory_bytes."""
 
-    # One CPU sample (mallinfo2 walks the allocator's bins) costs ~0.25 ms, and a SmolLM2 step takes
-    # ~700 of them: ~10% of the step if every step were sampled (tools/profile_step.py --time-only).
-    # Steps repeat the same shapes, so the meter samples the first SAMPLED_STEPS steps and every
+    # A CPU sample walks the allocator's bins, and a step takes hundreds: sampling every step would
+    # cost a noticeable share of it. Steps repeat the same shapes, so the meter samples the first SAMPLED_STEPS steps and every
     # SAMPLE_EVERY-th one after; the other steps cost one sample at their end.
     SAMPLED_STEPS, SAMPLE_EVERY = 3, 50
 

@@ -56,8 +56,8 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
                     policy=RecomputePolicy.from_config(cfg), checkpointing=cfg.gradient_checkpointing,
                     compile_reason=compile_reason(cfg, device))
     model.qtune_engine = engine
-    if engine.unsupported is not None and cfg.gradient_checkpointing:  # transformers' forward: its checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # for transformers' own forward: the generic path, RoSA's mask selection
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled blocks, computed once
         if isinstance(m, DoRALinear):
             frozen_row_sq(m, dtype)

@@ -5,9 +5,7 @@ the device it trains on.
 - CPU: bfloat16 where oneDNN has bf16 matrix kernels for this processor (x86 with AVX-512 — its
   BF16 and AMX extensions make them fast — or Arm with BF16; torch.ops.mkldnn._is_mkldnn_bf16_supported,
   what torch's own compiler asks), else float32. On an AVX2-only x86 CPU a bf16 GEMM has no such
-  kernel: measured on a 2-core AMD EPYC (AVX2) with torch 2.13, 1.3 GFLOP/s at 512³ against 174 in
-  float32, 0.9–2.5 against 165–182 over SmolLM2's shapes, so a bf16 run there is 70–200× slower,
-  not merely slower (tools/bench_dtype.py; tools/results/bench_dtype_2026-12-05_avx2.md).
+  kernel and runs tens of times slower than float32, not merely slower (docs/benchmarks.md).
 
 An explicit bfloat16 on such a CPU is honoured with one warning that names the cost and the fix.
 Only the dtype of activations and dequantized weights changes: the NF4 storage, the adapters (fp32)

@@ -295,6 +295,55 @@ def test_dora_recomputation_keeps_down_proj_and_gradients_are_unchanged(tiny_lla
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], **TOL[torch.float32], msg=name)
 
 
+def test_dora_norms_once_per_optimizer_step_inside_parameters_fixed(tiny_llama, tmp_path):
+    """Gradient accumulation: inside Engine.parameters_fixed() (train_step's micro-batches of one step)
+    only the first forward computes eager QDoRA's norms (one plain dequantization per linear for all
+    micro-batches and their recomputations), the gradients equal those computed without it, and
+    leaving it forgets the norms, so an update that bumps no version counter (.data) is seen next."""
+    from quant.formats import QuantizedWeight
+
+    model = _dora_model(tiny_llama, tmp_path, stash=True)
+    engine, L = model.qtune_engine, len(model.model.layers)
+    batches = [torch.randint(3, model.config.vocab_size, (2, 32)) for _ in range(3)]
+    calls = {"plain": 0}
+    real = QuantizedWeight.dequantize
+
+    def counted(self, dtype=None, row_scale=None, scales=None):
+        calls["plain"] += row_scale is None
+        return real(self, dtype, row_scale, scales)
+
+    def accumulate(fixed: bool) -> dict:
+        model.zero_grad(set_to_none=True)
+        calls["plain"] = 0
+        with engine.parameters_fixed() if fixed else contextlib.nullcontext():
+            for ids in batches:
+                loss, n = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+                (loss / n).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    QuantizedWeight.dequantize = counted
+    try:
+        fixed, plain_fixed = accumulate(True), calls["plain"]
+        free, plain_free = accumulate(False), calls["plain"]
+    finally:
+        QuantizedWeight.dequantize = real
+    assert plain_fixed == L * 7  # the first micro-batch's forward only
+    assert plain_free == L * 7 * 2 * len(batches)  # every forward and every recomputation
+    for name in free:
+        torch.testing.assert_close(fixed[name], free[name], **TOL[torch.float32], msg=name)
+    ids = batches[0]
+    with engine.parameters_fixed(), torch.no_grad():
+        causal_lm_loss(model, ids, torch.ones_like(ids), ids)  # norms stored
+    for m in model.modules():
+        if hasattr(m, "magnitude"):
+            m.lora_B.data.mul_(3.0)  # no version bump
+    with engine.parameters_fixed(), torch.no_grad():
+        got, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)
+    with torch.no_grad():
+        want, _ = causal_lm_loss(model, ids, torch.ones_like(ids), ids)  # outside: norms computed afresh
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 def test_dora_stash_is_freed_by_its_backward_and_a_second_backward_is_refused(tiny_llama, tmp_path):
     """The kept down_proj outputs go with their layer's backward, not with the graph (which lives as
     long as the loss does); a retain_graph second backward, which would need them, gets a clear error."""

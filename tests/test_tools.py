@@ -1,46 +1,16 @@
-"""The pure parts of the measurement tools in tools/ (their runs are benchmarks, not tests)."""
+"""The pure parts of the measurement tools in tools/ (their runs are benchmarks, not tests), and the
+worker protocol that tools/bench_methods.py --against-tree shares with other checkouts."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from tools import bench_methods, bench_peft, harness, profile_step
 
-import thread_profile  # noqa: E402
-
-# lines as `perf script -F tid,ip,sym,dso -G` prints them (paths shortened), one per sample
-PERF_SCRIPT = """\
-   101      7faa7fdc0503 [unknown] (/tmp/perf-101.map)
-   102      7faa7fdc02f9 [unknown] (/tmp/perf-101.map)
-   102      7faac121de62 [unknown] (/site-packages/torch/lib/libgomp.so.1)
-   102      7faac121de62 [unknown] (/site-packages/torch/lib/libgomp.so.1)
-   102      7faac121e02a [unknown] (/site-packages/torch/lib/libgomp.so.1)
-   101      7fbc42ca3f16 _PyEval_EvalFrameDefault (/usr/lib/libpython3.11.so.1.0)
-   101          ecf0c80 dnnl::impl::cpu::x64::matmul::brgemm_matmul_t<13168>::compute_kernel (/torch/lib/libtorch_cpu.so)
-   101          1234567 c10::impl::OperatorEntry::lookup (/torch/lib/libtorch_cpu.so)
-   101          2345678 dequantizeBlockwise4bitCpu<bf16_t, 1> (/site-packages/bitsandbytes/libbitsandbytes_cpu.so)
-   101          3456789 kernel._omp_fn.0 (/tmp/torchinductor_root/cu/cujcwjxrknb7.main.so)
-   101          4567890 _int_malloc (/usr/lib/x86_64-linux-gnu/libc.so.6)
-   101     ffffffff81000 clear_page_erms ([kernel.kallsyms])
-"""
-
-
-def test_thread_profile_groups_samples_by_thread_and_code():
-    per_tid = thread_profile.parse_perf_script(PERF_SCRIPT)
-    assert set(per_tid) == {101, 102}
-    main, worker = per_tid[101], per_tid[102]
-    assert worker == {"GEMM": 1, "OpenMP wait": 3}
-    assert main["GEMM"] == 2  # the JIT map and oneDNN's own C++ code inside libtorch_cpu
-    assert main["Python"] == 1 and main["torch"] == 1 and main["dequantize"] == 1 and main["compiled"] == 1
-    assert main["libc / kernel"] == 2
-    assert sum(main.values()) == 8
-
-
-def test_thread_profile_report_states_the_workers_wait_share():
-    per_tid = thread_profile.parse_perf_script(PERF_SCRIPT * 10)
-    text = thread_profile.report("qlora", per_tid, 101, [2.0, 2.0, 2.0], 499)
-    assert "| main | 80 |" in text and "| worker 102 | 40 |" in text
-    assert "waited for work 75%" in text  # 3 of the worker's 4 samples are in libgomp
-    assert "1.50 s of the median step" in text
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
@@ -48,8 +18,6 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
     input shapes: the FLOPs are 2·b·m·k·n of the two multiplied operands, whatever else is recorded."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-
-    import profile_step
 
     a, b, bias, out = torch.randn(64, 32), torch.randn(32, 16), torch.randn(16), torch.empty(64, 16)
     ba, bb = torch.randn(3, 8, 5), torch.randn(3, 5, 7)
@@ -73,10 +41,6 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
 
 
 def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_path):
-    import json
-
-    import bench_methods
-
     xs = [1.0 + 0.01 * k for k in range(101)]  # median 1.5
     lo, hi = bench_methods.median_interval(xs)
     assert 1.35 < lo < 1.5 < hi < 1.65
@@ -102,8 +66,6 @@ def _bench_peft_report(dtype: str, peer_s: float) -> dict:
 
 
 def test_bench_peft_fp32_report_names_its_dtype_and_keeps_the_bf16_table(tmp_path):
-    import bench_peft
-
     bench_peft.write_report(_bench_peft_report("bfloat16", 5.0), tmp_path)
     bench_peft.write_report(_bench_peft_report("float32", 4.0), tmp_path)
     bf16, fp32 = (tmp_path / "bench_peft.md").read_text(), (tmp_path / "bench_peft_fp32.md").read_text()
@@ -113,3 +75,35 @@ def test_bench_peft_fp32_report_names_its_dtype_and_keeps_the_bf16_table(tmp_pat
     assert "| qlora | qtune | 2.000 | 500 |" in fp32 and "| 60.0% | 2.00× |" in fp32 and "| 30.0% |" in fp32
     assert "tokens/s ≥ 2.0× peer: 2.00× PASS" in fp32 and "2.50×" in bf16  # the bf16 table is not overwritten
     assert (tmp_path / "bench_peft_fp32.png").is_file() and (tmp_path / "bench_peft_fp32.json").is_file()
+
+
+def test_worker_command_is_the_protocol_every_checkout_speaks(tmp_path):
+    """--against-tree runs the other checkout's own tools/bench_peft.py with only the flags every
+    checkout's worker knows (--compute-dtype only when it is not bf16), its qtune first on PYTHONPATH."""
+    args = SimpleNamespace(model_dir=Path("/models/smol"), steps=1, warmup=0, threads=0, compute_dtype="bfloat16")
+    old = tmp_path / "old"
+    cmd, result, log = harness.worker_command(args, tmp_path, "qtune", "qlora", "qlora-0", tree=old)
+    assert cmd[0] == sys.executable and result == tmp_path / "qlora-0.json" and log == tmp_path / "qlora-0.log"
+    assert cmd[1:] == [str(old / "tools" / "bench_peft.py"), "--worker", "qtune", "qlora", "--work", str(tmp_path),
+                       "--result", str(result), "--model-dir", "/models/smol", "--steps", "1", "--warmup", "0"]
+    args.threads, args.compute_dtype = 2, "float32"
+    cmd, _, _ = harness.worker_command(args, tmp_path, "peer", "qdora", "t")
+    assert cmd[1] == str(ROOT / "tools" / "bench_peft.py")  # this checkout's own worker, same entry point
+    assert cmd[-4:] == ["--threads", "2", "--compute-dtype", "float32"]
+    assert harness.worker_env(old)["PYTHONPATH"].split(os.pathsep)[0] == str(old.resolve())
+    assert harness.worker_env()["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+def test_bench_peft_runs_as_a_file_outside_the_repository(tmp_path):
+    """`python tools/bench_peft.py` (how every checkout's workers start) imports its harness without the
+    repository root on sys.path; here it rebuilds a report from raw runs."""
+    report = _bench_peft_report("float32", 4.0)
+    run = {"step_times_s": [2.0, 2.0], "step_tokens": [1000, 1000], "train_peak_rss_bytes": 2**30,
+           "peak_rss_bytes": 2**30, "heldout_before": 4.0, "heldout_after": 3.5}
+    report["results"]["qlora"]["runs"] = {"qtune": [run], "peer": [run | {"step_times_s": [4.0, 4.0]}]}
+    (tmp_path / "bench_peft_fp32.json").write_text(json.dumps(report))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_peft.py"), "--report-only", "--compute-dtype",
+                          "float32", "--out-dir", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "| qlora | qtune | 2.000 | 500 |" in out.stdout and "tokens/s ≥ 2.0× peer: 2.00× PASS" in out.stdout

@@ -9,14 +9,18 @@ layer ran, and why (execution_report), and warns once when a layer that should h
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from qtune.adapters.dora import DoRALinear
 from qtune.engine.block import biases, block_compile_reason, decoder_block, position_embeddings, rms_norm, unsupported_reason
 from qtune.engine.compiled import COMPILED, BlockRunner
+from qtune.engine.fused import STEP_NORMS
 from qtune.engine.loss import IGNORE_INDEX, token_loss
 from qtune.engine.recompute import RecomputePolicy, context_fn
 from qtune.memory import probe
@@ -44,7 +48,9 @@ class Engine:
             if torch.is_grad_enabled():
                 self.runner.paths = {i: f"generic ({self.unsupported})" for i in range(len(inner.layers))}
             return inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        h = inner.embed_tokens(input_ids)
+        # the embedding's weight, not its module: transformers' checkpointing hooks the module so that its
+        # output requires grad, which would only add the first layer's dL/dx (the embeddings are frozen)
+        h = F.embedding(input_ids, inner.embed_tokens.weight)
         cos, sin = position_embeddings(self.model, h)
         masks = biases(self.model, attention_mask, h.dtype)
         p = self.policy
@@ -61,6 +67,20 @@ class Engine:
         """(sum of next-token cross-entropy over labelled tokens, their count)."""
         hidden = self.hidden_states(input_ids, attention_mask)
         return token_loss(hidden, self.model.lm_head.weight, labels, chunk_tokens)
+
+    @contextlib.contextmanager
+    def parameters_fixed(self):
+        """Declares that the adapters' parameters do not change inside (qtune.train.train_step wraps the
+        micro-batches of one optimizer step in it): each eager QDoRA layer computes its norms
+        n = ‖W + s·BA‖ once, and every forward and recomputation inside reuses them. Leaving it forgets them."""
+        layers = [m for m in self.model.modules() if isinstance(m, DoRALinear)]
+        for m in layers:
+            setattr(m, STEP_NORMS, {})
+        try:
+            yield
+        finally:
+            for m in layers:
+                setattr(m, STEP_NORMS, None)
 
     def execution_report(self, step: int) -> dict:
         """metrics.jsonl's execution line: how many layers ran compiled (measured) and why others ran eager."""

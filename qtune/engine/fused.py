@@ -140,22 +140,29 @@ class DoRANode(torch.autograd.Function):
     Where the base's blocks lie within rows (`foldable`), c is folded into the dequantized weight and
     into B, so y comes out of the GEMMs (dL/dm = Σ g ⊙ y / m̃, from y); otherwise y = u + (c − 1) ⊙ u,
     c − 1 in the compute dtype (c itself in bf16 would round to 1 early in training).
-    `kept`: KEEP holds the output for backward; REUSE (the recomputation) skips the GEMM."""
+    `kept`: KEEP holds the output for backward; REUSE (the recomputation) skips the GEMM.
+    `norms`: (c, m̃ or n) of an earlier forward with the same parameters (Engine.parameters_fixed),
+    else computed here and appended to `sink` (a list) when one is given."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, magnitude, base, scale: float, w_sq, kept: str | None = None):
+    def forward(ctx, x, lora_A, lora_B, magnitude, base, scale: float, w_sq, kept: str | None = None,
+                norms=None, sink=None):
         dtype, out_f = x.dtype, base.out_features
         fold = foldable(base)
         a = lora_A.to(dtype)
-        with torch.no_grad():
-            w = dense_base_weight(base, dtype)
-            n = row_norms(w_sq, lora_A, lora_B, F.linear(a, w), scale)      # (out,)
-            m = torch.copysign(magnitude.abs().clamp_min(1e-20), magnitude)  # c ≠ 0 for the folded dL/dm
-            c = m / n
+        w = None
+        if norms is None:
+            with torch.no_grad():
+                w = dense_base_weight(base, dtype)
+                n = row_norms(w_sq, lora_A, lora_B, F.linear(a, w), scale)      # (out,)
+                m = torch.copysign(magnitude.abs().clamp_min(1e-20), magnitude)  # c ≠ 0 for the folded dL/dm
+                norms = (m / n, m if fold else n)
+            if sink is not None:
+                sink.append(norms)
+        c, den = norms
         h = F.linear(x, a)
         h2 = h.reshape(-1, h.shape[-1])
         b_c = (lora_B * (scale * c)[:, None]).to(dtype)  # (out, r) = diag(c)·s·B, also backward's
-        den = m if fold else n
         if kept == REUSE:  # the recomputation: backward reads the output the forward kept
             del w
             y = torch.zeros((), dtype=dtype, device=x.device).expand(*x.shape[:-1], out_f)
@@ -163,7 +170,6 @@ class DoRANode(torch.autograd.Function):
             ctx.base, ctx.scale, ctx.fold = base, scale, fold
             return y
         if fold:
-            del w
             w = base.qweight.dequantize(dtype, row_scale=c)               # diag(c)·D(W)
             y = F.linear(x, w)
             probe()
@@ -171,6 +177,7 @@ class DoRANode(torch.autograd.Function):
             y.view(-1, out_f).addmm_(h2, b_c.t())
             saved = y
         else:
+            w = dense_base_weight(base, dtype) if w is None else w
             u = F.linear(x, w)
             probe()
             del w
@@ -210,9 +217,20 @@ class DoRANode(torch.autograd.Function):
             probe()
             del w
             grad_x = grad_x.addmm_(gh, lora_A.to(dtype)).view(*grad_out.shape[:-1], -1)
-        return grad_x, grad_A, grad_B, grad_m, None, None, None, None
+        return grad_x, grad_A, grad_B, grad_m, None, None, None, None, None, None
+
+
+STEP_NORMS = "_qtune_step_norms"  # a dict on a DoRA layer while its engine holds the parameters fixed
 
 
 def dora_node(layer: nn.Module, x: torch.Tensor, kept: str | None) -> torch.Tensor:
-    return DoRANode.apply(x, layer.lora_A, layer.lora_B, layer.magnitude, layer.base_layer, float(layer.scale),
-                          frozen_row_sq(layer, x.dtype), kept)
+    """A DoRALinear as one DoRANode. Inside Engine.parameters_fixed() (the micro-batches of one optimizer
+    step, their recomputations included) its norms are computed once and reused."""
+    store = getattr(layer, STEP_NORMS, None)
+    norms = store.get(x.dtype) if store is not None else None
+    sink = [] if store is not None and norms is None else None
+    y = DoRANode.apply(x, layer.lora_A, layer.lora_B, layer.magnitude, layer.base_layer, float(layer.scale),
+                       frozen_row_sq(layer, x.dtype), kept, norms, sink)
+    if sink:
+        store[x.dtype] = sink[0]
+    return y
