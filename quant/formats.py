@@ -193,8 +193,8 @@ def decode_rows(shape, blocksize: int) -> list[int]:
     whose rows split a block decodes wrong (bitsandbytes 0.50: in_features % 64 of 16, 32 or 48),
     and one row of numel values ([1, numel], always right) runs on one thread. So: the weight's own
     (out, in) where in is a multiple of the block size; else rows of one block each where numel is;
-    else the one flat row. Same values bit for bit (tests/test_quant.py); SmolLM2's 576 × 1536 on 2
-    threads: 0.126 -> 0.072 ms (tools/bench_dequant.py)."""
+    else the one flat row, which is slower: it decodes on one thread. Same values bit for bit
+    (tests/test_quant.py)."""
     n = int(torch.Size(shape).numel())
     if len(shape) == 2 and shape[1] % blocksize == 0:
         return [int(shape[0]), int(shape[1])]
