@@ -51,6 +51,15 @@ def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_p
     assert "qrosa: median 1.200x over 5 step pairs" in text
 
 
+def test_bench_methods_summarizes_a_single_step_pair():
+    """A smoke run (--repeats 1 --steps 1) has one pair: its ratio, with no spread."""
+    rounds = [{"qdora": {"s": 1.1, "qlora_s": 1.0, "pair_ratios": [1.1], "heldout_after": 3.0,
+                         "qlora_heldout_after": 3.0}}]
+    s = bench_methods.summarize(rounds, ["qdora"])["qdora"]
+    assert s["ratio"] == 1.1 and s["pairs"] == 1 and s["pair_quartiles"] == [1.1, 1.1]
+    assert s["median_interval"] == [1.1, 1.1] and s["round_pair_medians"] == [1.1] and s["goal"] == 1.15
+
+
 def _bench_peft_report(dtype: str, peer_s: float) -> dict:
     side = {"s_per_step": 2.0, "tokens_per_s": 500.0, "peak_rss_gib": 1.0, "process_peak_rss_gib": 1.2,
             "heldout_before": 4.0, "heldout_after": 3.5}

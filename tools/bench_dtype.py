@@ -1,7 +1,7 @@
 """This CPU's matmul rate in bfloat16 against float32: why `--compute-dtype auto` picks what it picks.
 
-    python tools/bench_dtype.py                 # sizes 256, 512, 1024 and the run's shapes; 5 rounds
-    python tools/bench_dtype.py --sizes 2048 --rounds 3
+    python -m tools.bench_dtype                 # sizes 256, 512, 1024 and the run's shapes; 5 rounds
+    python -m tools.bench_dtype --sizes 2048 --rounds 3
 
 Each round times every shape once in each dtype, alternating (bf16, fp32, then fp32, bf16 in the
 next round), so a noisy minute hits both; the table gives each dtype's median GFLOP/s and the median
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qtune.precision import cpu_has_fast_bf16, resolve_compute_dtype  # noqa: E402
+from qtune.precision import cpu_has_fast_bf16, resolve_compute_dtype
 
 RUN_SHAPES = ((1024, 576, 576), (1024, 576, 1536), (1024, 1536, 576))
 

@@ -1,11 +1,13 @@
 """qtune's QDoRA and QRoSA steps against qtune's own QLoRA step, in lockstep, in one invocation.
 
-    python tools/bench_methods.py                      # qdora,qrosa; 3 rounds of 20 timed steps
-    python tools/bench_methods.py --methods qdora --repeats 5
-    python tools/bench_methods.py --sequential         # the older mode: one run after the other
-    python tools/bench_methods.py --pool tools/results/bench_methods_a.json tools/results/bench_methods_b.json
-    git worktree add /tmp/base HEAD~1 && python tools/bench_methods.py --methods qlora --against-tree /tmp/base
+    python -m tools.bench_methods                      # qdora,qrosa; 3 rounds of 20 timed steps
+    python -m tools.bench_methods --methods qdora --repeats 5
+    python -m tools.bench_methods --sequential         # the older mode: one run after the other
+    python -m tools.bench_methods --pool tools/results/bench_methods_a.json tools/results/bench_methods_b.json
+    git worktree add /tmp/base HEAD~1 && python -m tools.bench_methods --methods qlora --against-tree /tmp/base
                                                        # before/after of a change, each method against itself
+
+(from the repository root: tools/harness.py is imported as tools.harness.)
 
 The speed issue's goals for these two are relative to our QLoRA (QDoRA <= 1.15x its step time, QRoSA
 at density 1% <= 1.3x). On this shared machine a step's time drifts by 2x within minutes, so two
@@ -19,9 +21,11 @@ How firm a median is: the per-round medians, the pairs' middle half, and a boots
 the median over the pairs (seeded; pairs of one round share its machine, so this interval is the
 narrow end of the truth). --pool reports the pairs of several result files as one sample.
 
-Same setting, data and worker as tools/bench_peft.py (its --worker qtune METHOD processes: one run per
-process, the step body of qtune.train, 2 warm-up + 20 timed steps by default). Writes
-tools/results/bench_methods.md and bench_methods.json.
+Same setting, data and workers as tools/bench_peft.py (tools/harness.py: `tools/bench_peft.py --worker
+qtune METHOD` processes, one run per process, each step qtune.train.train_step, 2 warm-up + 20 timed
+steps by default). With --against-tree the reference runs DIR's own tools/bench_peft.py worker with
+DIR's qtune (any checkout that has one, older ones included: the worker protocol in tools/harness.py
+is what they share). Writes tools/results/bench_methods.md and bench_methods.json.
 """
 
 from __future__ import annotations
@@ -36,9 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import bench_peft as bp  # noqa: E402  (the setting, the data and the worker processes)
+from tools import harness as h
 
 GOALS = {"qdora": 1.15, "qrosa": 1.3}  # step time / our QLoRA's, from the speed issue
 
@@ -53,7 +55,7 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: d
     try:
         for m in methods:
             method, tree = trees.get(m, (m, None))
-            procs[m] = bp.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree)
+            procs[m] = h.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree)
         t0 = time.perf_counter()
 
         def expect(m: str, byte: bytes) -> None:
@@ -74,7 +76,7 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: d
             proc, ack, result, log = procs[m]
             proc.stdin.close()
             rc = proc.wait()
-            out[m] = bp.read_worker_result(result, log, rc, "qtune", trees.get(m, (m,))[0], f"{m}-{tag}", t0)
+            out[m] = h.read_worker_result(result, log, rc, "qtune", trees.get(m, (m,))[0], f"{m}-{tag}", t0)
         return out
     finally:
         for proc, ack, _, _ in procs.values():
@@ -88,11 +90,11 @@ def check_tree(tree: Path) -> None:
     """--against-tree: DIR must be a checkout whose qtune a worker then imports (not this one's)."""
     import subprocess
 
-    if not (tree / "tools" / "bench_peft.py").is_file() or not (tree / "qtune").is_dir():
+    if not (tree / h.WORKER_SCRIPT).is_file() or not (tree / "qtune").is_dir():
         raise SystemExit(f"--against-tree {tree}: not a checkout of this repository (no tools/bench_peft.py, "
                          "qtune/); make one with `git worktree add DIR COMMIT`")
     found = subprocess.run([sys.executable, "-c", "import qtune, quant; print(qtune.__file__); print(quant.__file__)"],
-                           env=bp.worker_env(tree), cwd=tree / "tools", capture_output=True, text=True,
+                           env=h.worker_env(tree), cwd=tree / "tools", capture_output=True, text=True,
                            check=True).stdout.split()  # a worker's cwd-free view: its script's folder first
     if not all(Path(f).resolve().is_relative_to(tree) for f in found):
         raise SystemExit(f"--against-tree {tree}: a worker there would import {found}, not the tree's packages")
@@ -129,6 +131,24 @@ def pool(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summarize(rounds: list[dict], methods: list[str]) -> dict:
+    """Per method: the median step ratio (over all step pairs, or over rounds when sequential), and how
+    firm it is (per-round medians, the pairs' middle half, a bootstrap interval of the median)."""
+    summary = {}
+    for m in methods:
+        ratios = [r[m]["s"] / r[m]["qlora_s"] for r in rounds]
+        pairs = [x for r in rounds for x in r[m].get("pair_ratios", [])]
+        summary[m] = {"ratio": statistics.median(pairs if pairs else ratios), "round_ratios": ratios,
+                      "pairs": len(pairs), "s": statistics.median(r[m]["s"] for r in rounds),
+                      "qlora_s": statistics.median(r[m]["qlora_s"] for r in rounds), "goal": GOALS.get(m)}
+        if pairs:  # the round medians' spread, and the pairs' middle half, say how firm the median is
+            q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3  # one pair: no spread
+            summary[m]["pair_quartiles"] = [q[0], q[2]]
+            summary[m]["median_interval"] = list(median_interval(pairs))
+            summary[m]["round_pair_medians"] = [statistics.median(r[m]["pair_ratios"]) for r in rounds]
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="qdora,qrosa")
@@ -155,9 +175,9 @@ def main() -> None:
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tree = Path(args.against_tree).resolve() if args.against_tree else None
-    bad = [m for m in methods if m not in bp.METHODS or (m == "qlora" and tree is None)]
+    bad = [m for m in methods if m not in h.METHODS or (m == "qlora" and tree is None)]
     if bad or args.repeats < 1 or args.steps < 1 or args.sequential and tree:
-        raise SystemExit(f"methods must be of {','.join(m for m in bp.METHODS if m != 'qlora' or tree)}; "
+        raise SystemExit(f"methods must be of {','.join(m for m in h.METHODS if m != 'qlora' or tree)}; "
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
         check_tree(tree)
@@ -166,8 +186,8 @@ def main() -> None:
     args.model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     try:
-        bp.prepare_data(work, args.model_dir, args.plays, 1, args.warmup + args.steps)
-        bp.run_worker(args, work, "prep", "qtune-cache", "prep-qtune-cache")
+        h.prepare_data(work, args.model_dir, args.plays, 1, args.warmup + args.steps)
+        h.run_worker(args, work, "prep", "qtune-cache", "prep-qtune-cache")
         rounds = []
         for rep in range(args.repeats):
             row = {}
@@ -176,8 +196,8 @@ def main() -> None:
                     pair = lockstep_pair(args, work, (f"{m}@base", m), f"{m}-{rep}", {f"{m}@base": (m, tree)})
                     ref, run = pair[f"{m}@base"], pair[m]
                 elif args.sequential:
-                    ref = bp.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
-                    run = bp.run_worker(args, work, "qtune", m, f"{m}-{rep}")
+                    ref = h.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
+                    run = h.run_worker(args, work, "qtune", m, f"{m}-{rep}")
                 else:
                     pair = lockstep_pair(args, work, ("qlora", m), f"{m}-{rep}")
                     ref, run = pair["qlora"], pair[m]
@@ -192,18 +212,7 @@ def main() -> None:
             rounds.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = {}
-    for m in methods:
-        ratios = [r[m]["s"] / r[m]["qlora_s"] for r in rounds]
-        pairs = [x for r in rounds for x in r[m].get("pair_ratios", [])]
-        summary[m] = {"ratio": statistics.median(pairs if pairs else ratios), "round_ratios": ratios,
-                      "pairs": len(pairs), "s": statistics.median(r[m]["s"] for r in rounds),
-                      "qlora_s": statistics.median(r[m]["qlora_s"] for r in rounds), "goal": GOALS.get(m)}
-        if pairs:  # the round medians' spread, and the pairs' middle half, say how firm the median is
-            q = statistics.quantiles(pairs, n=4)
-            summary[m]["pair_quartiles"] = [q[0], q[2]]
-            summary[m]["median_interval"] = list(median_interval(pairs))
-            summary[m]["round_pair_medians"] = [statistics.median(r[m]["pair_ratios"]) for r in rounds]
+    summary = summarize(rounds, methods)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_methods{args.tag}"
@@ -215,8 +224,8 @@ def main() -> None:
             "the ratio is the median over all step pairs")
     if tree:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
-    lines = [f"# qtune methods vs {'another checkout' if tree else 'qtune QLoRA'} ({bp._cpu_name()})", "",
-             f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {bp.SEQ_LEN} × batch {bp.BATCH}, r={bp.RANK}, "
+    lines = [f"# qtune methods vs {'another checkout' if tree else 'qtune QLoRA'} ({h.cpu_name()})", "",
+             f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
              "| method | s/step | QLoRA s/step | step ratio, median | bootstrap 95% of the median | per round | "

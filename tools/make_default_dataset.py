@@ -1,6 +1,7 @@
 """Generate qtune's shipped default dataset: short, correct answers in pirate speak.
 
-    python tools/make_default_dataset.py            # writes qtune/data/pirate_chat.jsonl (+ eval prompts)
+    python -m tools.make_default_dataset            # writes qtune/data/pirate_chat.jsonl (+ eval prompts)
+    python -m tools.make_default_dataset --out-dir /tmp/d && diff -r /tmp/d qtune/data   # reproduces them?
 
 Every assistant answer starts with "Arr, matey!" and is one or two sentences of pirate speak that
 still answers the question correctly; computed answers (arithmetic, conversions, letter counts) are
@@ -474,15 +475,21 @@ def build(seed: int = SEED) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=pathlib.Path, default=OUT_DIR,
+                    help="where to write the two files (default: qtune/data, the shipped ones)")
+    out_dir = ap.parse_args().out_dir
     train_rows, eval_rows = build()
     train_questions = {r["messages"][0]["content"] for r in train_rows}
     assert all(r["messages"][1]["content"].startswith("Arr, matey!") for r in train_rows)
     assert not any(r["prompt"] in train_questions for r in eval_rows)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("pirate_chat.jsonl", train_rows), ("pirate_chat_eval_prompts.jsonl", eval_rows)):
-        with open(OUT_DIR / name, "w", encoding="utf-8") as f:
+        with open(out_dir / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        print(f"wrote {len(rows)} rows to {OUT_DIR / name} ({(OUT_DIR / name).stat().st_size / 1024:.0f} KiB)")
+        print(f"wrote {len(rows)} rows to {out_dir / name} ({(out_dir / name).stat().st_size / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 
 CHILD = r"""
 import json, os, sys, time, torch

@@ -4,7 +4,8 @@ training run logs, over several shapes, methods and models.
 Each case trains for a few steps in its own process (the embedded SmolLM2-135M, and random-weight
 models of larger shapes written here), then the plan for the same configuration is computed.
 
-    python tools/plan_vs_measured.py            # writes tools/results/plan_vs_measured.md
+    python -m tools.plan_vs_measured                       # writes tools/results/plan_vs_measured.md
+    python -m tools.plan_vs_measured --only "qdora" --out /tmp/plan.md   # the cases whose description has "qdora"
 """
 
 import argparse
@@ -23,8 +24,9 @@ CASES = [
     ("SmolLM2-135M", {}),
     ("SmolLM2-135M", {"batch_size": 8}),
     ("SmolLM2-135M", {"seq_len": 512, "batch_size": 2}),
+    ("SmolLM2-135M", {"recompute": "full"}),
     ("SmolLM2-135M", {"method": "qdora"}),
-    ("SmolLM2-135M", {"method": "qdora", "dora_stash": False}),
+    ("SmolLM2-135M", {"method": "qdora", "recompute": "full"}),
     ("SmolLM2-135M", {"method": "qrosa"}),
     ("SmolLM2-135M", {"bits": 16}),
     ("SmolLM2-135M", {"optim": "adamw8bit", "rank": 64}),
@@ -62,7 +64,7 @@ def random_model(name: str, folder: Path) -> Path:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default="tools/results/plan_vs_measured.md")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_vs_measured.md"))
     ap.add_argument("--only", default=None, help="run only the cases whose description contains this")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qtune-plan-"))

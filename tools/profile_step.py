@@ -1,12 +1,14 @@
 """Where one qtune training step's time goes: torch.profiler over the benchmark's setting.
 
-    python tools/profile_step.py                      # qlora, 2 warm-up + 3 profiled steps
-    python tools/profile_step.py --method qdora --out tools/results/profile_qdora.md
-    python tools/profile_step.py --kernels --top 45   # each compiled kernel (norms, softmax, ...) as its own row
+    python -m tools.profile_step                      # qlora, 2 warm-up + 3 profiled steps
+    python -m tools.profile_step --method qdora --out tools/results/profile_qdora.md
+    python -m tools.profile_step --kernels --top 45   # each compiled kernel (norms, softmax, ...) as its own row
+    python -m tools.profile_step --time-only --steps 10   # no profiler: median step, the memory meter's cost
 
 Same setting as tools/bench_peft.py (SmolLM2-135M, Shakespeare rows, seq 256 × batch 4, r 16 on all
-linears, checkpointing, bf16 (or --compute-dtype float32), AdamW). The step is the benchmark's qtune step. Self CPU time of every
-aten/custom op is summed over the profiled steps and grouped:
+linears, checkpointing, bf16 (or --compute-dtype float32), AdamW). The step is the benchmark's qtune step
+(tools/harness.py QtuneRun: qtune.train.train_step). Self CPU time of every aten/custom op is summed over
+the profiled steps and grouped:
     gemm          aten::mm / addmm / bmm / matmul's kernels (the bf16 GEMMs: base, adapters, head)
     attention     scaled_dot_product_attention and its flash/math kernels
     dequantize    bitsandbytes' dequantize ops (NF4 codes -> bf16 weights)
@@ -22,14 +24,14 @@ what is left between the step's GEMMs and the limit, product by product.
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import bench_peft as bp  # noqa: E402  (the benchmark's setting, data and step)
+from qtune.engine.loss import CE_VOCAB_BLOCK
+from qtune.memory import MemoryMeter
+from tools import harness as h
 
 GROUPS = (("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int4pack_mm", "aten::baddbmm")),
           ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
@@ -58,13 +60,11 @@ def mm_flops(name: str, shapes: list) -> float:
 
 def gemm_kind(name: str, shapes: list, rank: int, vocab: int) -> str:
     """Which product of the step a GEMM call is, from its operands' shapes. The head's products
-    span the vocabulary, or one block of it (compiled: qtune.model.CE_VOCAB_BLOCK rows; no base
-    dimension of SmolLM2 is 4096). An adapter product has
-    r columns or rows, or 2r / 3r where the linears that read one x share it (gate/up, q/k/v:
-    qtune.adapters.lora.group_forward). At the benchmark's rank 16 no base dimension of SmolLM2 is
-    that thin; its thinnest, k/v's 192, is 3·64, so at rank 64 those would be counted as adapters."""
-    from qtune.model import CE_VOCAB_BLOCK
-
+    span the vocabulary, or one block of it (compiled: qtune.engine.loss.CE_VOCAB_BLOCK rows; no base
+    dimension of SmolLM2 is 4096). An adapter product has r columns or rows, or 2r / 3r where the
+    linears that read one x share it (gate/up, q/k/v: qtune.engine.linear.group). At the benchmark's
+    rank 16 no base dimension of SmolLM2 is that thin; its thinnest, k/v's 192, is 3·64, so at rank 64
+    those would be counted as adapters."""
     dims = [d for sh in gemm_operands(name, shapes) for d in sh]
     if name in ("aten::bmm", "aten::baddbmm"):
         return "attention (batched)"
@@ -82,110 +82,79 @@ def group_of(name: str) -> str:
     return "elementwise"
 
 
+class CountingMeter(MemoryMeter):
+    """qtune's memory meter, counting the samples it takes (--time-only: what the meter costs a step)."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.samples = 0
+
+    def sample(self) -> None:
+        self.samples += self.active
+        super().sample()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="qlora", choices=bp.METHODS)
+    ap.add_argument("--method", default="qlora", choices=h.METHODS)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--plays", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the step's compute dtype (float32 on CPUs without bf16 kernels: tools/bench_dtype.py)")
+    ap.add_argument("--recompute", default="default", choices=("default", "full"),
+                    help="qtune's --recompute (what a checkpointed layer keeps from its forward)")
     ap.add_argument("--shapes", type=int, default=0, help="also list the N GEMM shapes losing the most time")
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
     ap.add_argument("--time-only", action="store_true",
-                    help="no profiler: print the median wall time of --steps steps (before/after figures)")
+                    help="no profiler: print the median wall time of --steps steps (before/after figures) "
+                         "and what the memory meter costs")
     ap.add_argument("--kernels", action="store_true",
                     help="list inductor's generated C++ kernels as ops of their own (their time leaves the "
                          "'Call CompiledFxGraph' rows, whose self time is then the compiled wrapper's)")
     args = ap.parse_args()
-    bp.quiet_bitsandbytes()
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1, --warmup >= 0")
+    h.quiet_bitsandbytes()
     if args.kernels:
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True  # part of the compile cache's key: recompiles once
+    import shutil
     import tempfile
 
     import torch
-    from safetensors.torch import load_file
     from torch.profiler import ProfilerActivity, profile
 
     from qtune.embedded import default_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="qtune-profile-"))
-    model_dir = default_model_dir()
-    bp.prepare_data(work, model_dir, args.plays, 4, args.warmup + args.steps)
-    data = load_file(work / "data.safetensors")
-
-    # build the benchmark's qtune step, run the warm-up, then profile the rest
-    steps_seen = []
-    real_loop = bp._train_loop
-
-    def capture(step_fn, data, warmup, steps):
-        steps_seen.append(step_fn)
-        return {}
-    bp._train_loop = capture
-    bp.heldout_loss = lambda *a, **k: 0.0
-    import qtune.memory as qmem
-
-    real_detach, qmem.MemoryMeter.detach = qmem.MemoryMeter.detach, lambda self: None  # keep the meter on
-    bp.worker_qtune(args.method, data, work, args.warmup, args.steps, args.compute_dtype)
-    bp._train_loop, qmem.MemoryMeter.detach = real_loop, real_detach
-    step = steps_seen[0]
-    order = data["order"]
-
-    def run(s):
-        rows = order[s]
-        return step(data["input_ids"][rows], data["attention_mask"][rows], data["labels"][rows])
-
-    calls = [0]
-    real_heap = qmem.heap_in_use_bytes
-
-    def counted():  # every meter sample reads the heap once: count them per step
-        calls[0] += 1
-        return real_heap()
-    qmem.heap_in_use_bytes = counted
-    samples = []
-    for s in range(args.warmup):
-        calls[0] = 0
-        run(s)
-        samples.append(calls[0])
-    if args.time_only:
+    try:
+        model_dir = default_model_dir()
+        h.prepare_data(work, model_dir, args.plays, 4, args.warmup + args.steps)
+        data = h.load_data(work)
+        # the benchmark's qtune run (tools/harness.py), its warm-up unprofiled, then the profiled steps
+        run = h.QtuneRun(args.method, data, work, args.warmup + args.steps, args.compute_dtype,
+                         meter_cls=CountingMeter, recompute=args.recompute)
+        samples = []
+        for s in range(args.warmup):
+            run.meter.samples = 0
+            run.step(h.batch_of(data, s))
+            samples.append(run.meter.samples)
+        if args.time_only:
+            time_only(args, run, data, samples)
+            return
         walls = []
-        for s in range(args.warmup, args.warmup + args.steps):
-            calls[0] = 0
-            t0 = time.perf_counter()
-            run(s)
-            walls.append(time.perf_counter() - t0)
-            samples.append(calls[0])
-        qmem.heap_in_use_bytes = real_heap
-        walls.sort()
-        median = walls[len(walls) // 2]
-        print(f"{args.method}: median {median:.3f} s/step over {args.steps} steps "
-              f"(min {walls[0]:.3f}, max {walls[-1]:.3f})")
-        # the memory meter's cost: samples per step x the cost of one sample, in this process's heap state
-        meter = qmem.MemoryMeter(torch.device("cpu"))
-        t0 = time.perf_counter()
-        for _ in range(2000):
-            meter.sample()
-        per_sample = (time.perf_counter() - t0) / 2000
-        full = max(samples)
-        n = 1000
-        sampled = 0
-        for k in range(1, n + 1):  # the meter's own schedule
-            meter.begin_step(k)
-            sampled += meter.active
-        print(f"memory meter: samples per step {samples} (steps 1..{len(samples)}); one sample {per_sample * 1e6:.1f} us; "
-              f"a sampled step pays {full * per_sample * 1e3:.1f} ms = {full * per_sample / median:.2%} of the step; "
-              f"over {n} steps ({sampled} sampled) {sampled * full * per_sample / (n * median):.2%}")
-        return
-    qmem.heap_in_use_bytes = real_heap
-    walls = []
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for s in range(args.warmup, args.warmup + args.steps):
-            t0 = time.perf_counter()
-            run(s)
-            walls.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for s in range(args.warmup, args.warmup + args.steps):
+                t0 = time.perf_counter()
+                run.step(h.batch_of(data, s))
+                walls.append(time.perf_counter() - t0)
+        execution = run.execution()
+        run.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     events = prof.key_averages()
     groups: dict[str, float] = defaultdict(float)
     rows = []
@@ -196,14 +165,19 @@ def main() -> None:
     rows.sort(reverse=True)
     n = args.steps
     wall = sum(walls) / n
-    rate = bp.gemm_rate(dtype=args.compute_dtype)
-    cfg = bp.json.loads((model_dir / "config.json").read_text())
-    flops = bp.step_flops(cfg, bp.BATCH, bp.SEQ_LEN, bp.RANK)
-    lines = [f"# Profile of one qtune {args.method} step ({bp._cpu_name()}, {torch.get_num_threads()} threads)", "",
-             f"Setting of tools/bench_peft.py; {args.warmup} warm-up + {n} profiled steps; times per step."
+    rate = h.gemm_rate(dtype=args.compute_dtype)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    flops = h.step_flops(cfg, h.BATCH, h.SEQ_LEN, h.RANK)
+    layers = execution["layers"]
+    lines = [f"# Profile of one qtune {args.method} step ({h.cpu_name()}, {torch.get_num_threads()} threads)", "",
+             f"Setting of tools/bench_peft.py (tools/harness.py), --recompute {args.recompute}; {args.warmup} warm-up + "
+             f"{n} profiled steps; times per step."
              + (" With --kernels: inductor's C++ kernels are rows of their own (`graph_N_cpp_fused_...`)." if args.kernels else ""),
+             f"Decoder layers: {layers['compiled']} compiled, {layers['eager']} eager"
+             + (f" ({', '.join(f'{r}: {k}' for r, k in execution['reasons'].items())})" if execution["reasons"] else "")
+             + " (qtune.engine's execution report).",
              f"Wall time per step under the profiler: {wall:.3f} s (profiler overhead included).",
-             f"Step FLOPs (bench_peft.step_flops): {flops['total'] / 1e9:.0f} GFLOP; {args.compute_dtype} GEMM rate "
+             f"Step FLOPs (harness.step_flops): {flops['total'] / 1e9:.0f} GFLOP; {args.compute_dtype} GEMM rate "
              f"{rate['gflops']:.0f} GFLOP/s -> limit {flops['total'] / 1e9 / rate['gflops']:.3f} s/step.", "",
              "| group | s/step | share of wall |", "|---|---|---|"]
     for g in ("gemm", "attention", "dequantize", "elementwise"):
@@ -222,6 +196,39 @@ def main() -> None:
         Path(args.out).write_text(text)
 
 
+def time_only(args, run, data: dict, samples: list[int]) -> None:
+    """--time-only: the median wall time of the steps after the warm-up, and the memory meter's cost
+    (samples per step × the cost of one sample, in this process's heap state)."""
+    import torch
+
+    walls = []
+    for s in range(args.warmup, args.warmup + args.steps):
+        run.meter.samples = 0
+        t0 = time.perf_counter()
+        run.step(h.batch_of(data, s))
+        walls.append(time.perf_counter() - t0)
+        samples.append(run.meter.samples)
+    run.close()
+    walls.sort()
+    median = walls[len(walls) // 2]
+    print(f"{args.method}: median {median:.3f} s/step over {args.steps} steps "
+          f"(min {walls[0]:.3f}, max {walls[-1]:.3f})")
+    meter = MemoryMeter(torch.device("cpu"))
+    t0 = time.perf_counter()
+    for _ in range(2000):
+        meter.sample()
+    per_sample = (time.perf_counter() - t0) / 2000
+    full = max(samples)
+    n = 1000
+    sampled = 0
+    for k in range(1, n + 1):  # the meter's own schedule
+        meter.begin_step(k)
+        sampled += meter.active
+    print(f"memory meter: samples per step {samples} (steps 1..{len(samples)}); one sample {per_sample * 1e6:.1f} us; "
+          f"a sampled step pays {full * per_sample * 1e3:.1f} ms = {full * per_sample / median:.2%} of the step; "
+          f"over {n} steps ({sampled} sampled) {sampled * full * per_sample / (n * median):.2%}")
+
+
 def gemm_table(prof, n: int, vocab: int, big_rate: float, top_shapes: int = 0) -> list[str]:
     """The step's GEMMs grouped by kind (gemm_kind): calls, GFLOP, seconds and rate per step, and the
     time the same calls would take at the 2048³ rate; then the `top_shapes` operand shapes that lose
@@ -235,7 +242,7 @@ def gemm_table(prof, n: int, vocab: int, big_rate: float, top_shapes: int = 0) -
         flops = mm_flops(e.key, shapes)
         if not flops:
             continue
-        kind = gemm_kind(e.key, shapes, bp.RANK, vocab)
+        kind = gemm_kind(e.key, shapes, h.RANK, vocab)
         k = kinds[kind]
         by_shape.append((e.self_cpu_time_total / 1e6 / n - flops * e.count / n / 1e9 / big_rate, e.key,
                          shapes, kind, e.count / n, e.self_cpu_time_total / 1e6 / n, flops * e.count / n))

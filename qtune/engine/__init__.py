@@ -59,6 +59,8 @@ class Engine:
             reason = self.compile_reason or block_compile_reason(layer)
             h = self.runner.run(i, decoder_block, (layer, h, cos, sin, masks[i], self.attention, p.keep_attention,
                                                    p.keep_down), reason, self.checkpointing)
+            if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
+                h.register_hook(_probe_in_backward)
         probe()
         return rms_norm(h, inner.norm.weight, float(inner.norm.variance_epsilon))
 
@@ -95,6 +97,10 @@ class Engine:
             warnings.warn(f"{sum(eager[r] for r in failed)} of {len(paths)} decoder layers did not run compiled: "
                           f"{'; '.join(failed)}. Training continues eagerly (same results, slower).", stacklevel=2)
         return report
+
+
+def _probe_in_backward(grad: torch.Tensor) -> None:
+    probe()
 
 
 def engine_of(model: nn.Module) -> Engine:

@@ -1,0 +1,536 @@
+"""The benchmarks' shared harness: one setting, one data preparation, one qtune training run (on
+qtune's public API) and the worker processes with their lockstep protocol.
+
+Used by tools/bench_peft.py (qtune against the peer stack), tools/bench_methods.py (lockstep step
+pairs, --against-tree A/B) and tools/profile_step.py (torch.profiler over the same step).
+
+The setting (both sides of every benchmark): SmolLM2-135M-Instruct, the first --plays Shakespeare
+training plays, seq 256 × batch 4, rank 16 on all 7 linears of every decoder layer, alpha 16 (scale 1),
+dropout 0, gradient checkpointing, bf16 compute (or float32), AdamW (betas 0.9/0.999, eps 1e-8, no
+weight decay), lr 2e-4 constant with no warmup, gradient-norm clipping at 1.0.
+
+The qtune side (QtuneRun) is what `qtune train` runs, minus metric logging and checkpoints:
+qtune.model.build_model, RoSA's support chosen from the first batches (qtune.adapters.rosa_mask),
+qtune.train.make_optimizer, a LambdaLR over qtune.train.lr_factor, the MemoryMeter on the decoder
+layers, and each step is qtune.train.train_step.
+
+Worker processes. Every (side, method) run is its own process, `tools/bench_peft.py --worker SIDE
+METHOD --work DIR --result FILE --model-dir DIR --steps N --warmup N [--threads N] [--compute-dtype
+float32] [--lockstep-ack-fd FD]`: it reads DIR/data.safetensors (prepare_data), trains, and writes a
+JSON result (step_times_s, step_tokens, train_losses, heldout_before/after, setup_s,
+setup_peak_rss_bytes, train_peak_rss_bytes, peak_rss_bytes, ...). That command line, the data file
+and the result are a protocol between checkouts: tools/bench_methods.py --against-tree runs another
+checkout's own tools/bench_peft.py with it (older checkouts have nothing else), so keep all three
+compatible. Under --lockstep-ack-fd the worker writes b"r" on that fd once loaded, then before each
+step waits for a line on stdin and after it writes b"d" (LockstepGate), outside the timed region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qtune.memory import peak_rss_bytes  # VmHWM: ru_maxrss would carry over the parent's peak
+
+ROOT = Path(__file__).resolve().parents[1]  # this checkout
+WORKER_SCRIPT = Path("tools") / "bench_peft.py"  # every checkout's worker entry point, relative to its root
+
+METHODS = ("qlora", "qdora", "qpissa", "qrosa", "lora16")
+PEERLESS = {"qrosa": "qlora"}  # method -> the qtune method it is compared with instead of a peer
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEQ_LEN, BATCH, RANK, ALPHA, LR, MAX_GRAD_NORM, SEED = 256, 4, 16, 16, 2e-4, 1.0, 0
+GEMM_N = 2048
+IGNORE_INDEX = -100
+
+
+def quiet_bitsandbytes() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- the machine's limit and the step's work ---------------------------------------------------
+
+def gemm_rate(n: int = GEMM_N, runs: int = 5, dtype: str = "bfloat16") -> dict:
+    """Matmul rate of this machine in `dtype`: median of `runs` timed n×n×n products (after 2 untimed)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
+    b = torch.randn(n, n, generator=g).to(getattr(torch, dtype))
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"n": n, "runs": runs, "dtype": dtype, "times_s": times, "gflops": 2 * n ** 3 / t / 1e9,
+            "threads": torch.get_num_threads()}
+
+
+def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -> dict:
+    """Useful FLOPs of one training step with frozen base weights and gradient checkpointing.
+
+    T = batch·seq positions (padding included: the GEMMs run over it), L layers, h hidden, V vocab.
+      decoder linears, one forward:  F_lin  = 2 · N_lin · T        (N_lin = weights of all decoder linears)
+      attention, one forward:        F_att  = 4 · L · seq² · h · batch   (QKᵀ and PV, full seq² — SDPA on
+                                                                          CPU does not halve causal work;
+                                                                          qtune's causal halves do 3/4 of it)
+      adapters, one forward:         F_ad   = 2 · T · r · Σ(in + out) over the adapted linears
+      head, one forward:             F_head = 2 · h · V · T
+    step = forward + recomputation of the decoder layers in backward + backward:
+      linears  3·F_lin   (forward, recomputation, input gradient only: the base is frozen, no weight-grad GEMM)
+      attention 4·F_att  (forward, recomputation, backward = 2 forwards: dQ, dK, dV and dP)
+      adapters 4·F_ad    (forward, recomputation, backward = 2 forwards: input grad + A, B grads)
+      head     2·F_head  (forward, input-gradient backward; the tied embedding is frozen)
+    Not counted: norms, RoPE, SiLU, softmax, the optimizer (all O(T·h) or O(params)), DoRA's norm terms
+    (A·Wᵀ: ~r/T of the linear forward) and qtune's recomputation of the head chunks in backward."""
+    h, i_sz, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    hd = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads", heads) * hd
+    q = heads * hd
+    shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, i_sz), "up_proj": (h, i_sz), "down_proj": (i_sz, h)}  # (in, out)
+    T = batch * seq
+    n_lin = L * sum(a * b for a, b in shapes.values())
+    f_lin = 2 * n_lin * T
+    f_att = 4 * L * seq * seq * q * batch
+    f_ad = 2 * T * rank * L * sum(a + b for name, (a, b) in shapes.items() if name in targets)
+    f_head = 2 * h * config["vocab_size"] * T
+    parts = {"linears": 3 * f_lin, "attention": 4 * f_att, "adapters": 4 * f_ad, "head": 2 * f_head}
+    return {"positions": T, "decoder_linear_params": n_lin, "forward": {"linears": f_lin, "attention": f_att,
+            "adapters": f_ad, "head": f_head}, "step": parts, "total": sum(parts.values())}
+
+
+# --- data: tokenized once by the parent, the same rows for every worker ------------------------
+
+def link_folder(folder: Path, files) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        (folder / p.name).symlink_to(p)
+    return folder
+
+
+def prepare_data(work: Path, model_dir: Path, plays: int, eval_rows: int, n_steps: int) -> dict:
+    """Tokenize the first `plays` training plays and the held-out works (Hamlet + Sonnets) with
+    qtune.data.load_splits, fix `n_steps` micro-batches of row indices (qtune.train.micro_batch_rows,
+    seed 0) and `eval_rows` held-out rows spread evenly; write them to work/data.safetensors (what
+    every worker reads, load_data) and return what was prepared."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qtune.data import load_splits
+    from qtune.embedded import shakespeare_texts
+    from qtune.loader import load_tokenizer
+    from qtune.train import micro_batch_rows
+
+    train_dir = link_folder(work / "train", shakespeare_texts("train")[:plays])
+    held_dir = link_folder(work / "held", shakespeare_texts("eval"))
+    tok = load_tokenizer(model_dir)
+    train, held, stats = load_splits(train_dir, held_dir, tok, SEQ_LEN)
+    pick = sorted({round(i * (len(held) - 1) / max(eval_rows - 1, 1)) for i in range(min(eval_rows, len(held)))})
+    order = torch.stack([micro_batch_rows(s, len(train), BATCH, SEED) for s in range(n_steps)])  # (steps, batch)
+    data = {"input_ids": train.input_ids, "attention_mask": train.attention_mask, "labels": train.labels,
+            "eval_input_ids": held.input_ids[pick], "eval_attention_mask": held.attention_mask[pick],
+            "eval_labels": held.labels[pick], "order": order}
+    save_file({k: v.contiguous() for k, v in data.items()}, work / "data.safetensors")
+    return {"plays": [p.name for p in shakespeare_texts("train")[:plays]], "train_rows": len(train),
+            "heldout_rows_total": len(held), "heldout_rows_used": pick,
+            "heldout_label_tokens": int((held.labels[pick][:, 1:] != IGNORE_INDEX).sum()),
+            "train_tokens": stats.train_tokens}
+
+
+def load_data(work: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(work) / "data.safetensors")
+
+
+def batch_of(data: dict, s: int) -> dict:
+    """Micro-batch `s` of the prepared order: {input_ids, attention_mask, labels}."""
+    rows = data["order"][s]
+    return {"input_ids": data["input_ids"][rows], "attention_mask": data["attention_mask"][rows],
+            "labels": data["labels"][rows]}
+
+
+def heldout_loss(model, data: dict, autocast: bool, logits_fn=None) -> float:
+    """Mean next-token cross-entropy (fp32, from the logits) over the labelled tokens of the held-out rows.
+
+    The same function scores both sides: row by row, model(input_ids, attention_mask).logits (qtune's:
+    its engine's final hidden states through the head, `logits_fn`). The model stays in train mode
+    under no_grad (dropout 0 on both sides, so this is eval-mode math): bitsandbytes' CPU Linear4bit,
+    in eval mode with an input that needs no grad, repacks its weight for a fused kernel and asserts
+    out_features % 32 == 0 on AVX512-bf16 CPUs, which some of this model's layers break."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, mask, labels = data["eval_input_ids"], data["eval_attention_mask"], data["eval_labels"]
+    was_training = model.training
+    model.train()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(ids.shape[0]):
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx:
+                if logits_fn is not None:
+                    logits = logits_fn(ids[i:i + 1], mask[i:i + 1])  # (1, t, vocab)
+                else:
+                    logits = model(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+            target = labels[i, 1:]  # position j predicts token j + 1
+            total += float(F.cross_entropy(logits[0, :-1].float(), target, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((target != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- qtune's side: one training run on the public API ------------------------------------------
+
+def bench_config(method: str, total_steps: int, compute_dtype: str, run_dir: Path, **overrides):
+    """The benchmark's TrainConfig for `method` (lora16: qlora on the 16-bit base)."""
+    from qtune.config import TrainConfig
+
+    return TrainConfig(**{**dict(
+        method="qlora" if method == "lora16" else method, bits=16 if method == "lora16" else 4, quant_type="nf4",
+        double_quant=True, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=list(TARGETS), seq_len=SEQ_LEN,
+        batch_size=BATCH, grad_accum=1, lr=LR, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM, optim="adamw", max_steps=total_steps, seed=SEED, gradient_checkpointing=True,
+        compute_dtype=compute_dtype, output=str(run_dir)), **overrides})
+
+
+class QtuneRun:
+    """The benchmark's qtune training run in this process (see the module docstring).
+
+    meter_cls: the qtune.memory.MemoryMeter (sub)class attached to the decoder layers.
+    Raises qtune.errors.QtuneError if this qtune does not have the method."""
+
+    def __init__(self, method: str, data: dict, work: Path, total_steps: int, compute_dtype: str = "bfloat16",
+                 meter_cls=None, **overrides):
+        import torch
+
+        from qtune.adapters.rosa_mask import choose_supports
+        from qtune.memory import MemoryMeter, configure_host_allocator
+        from qtune.model import build_model, decoder_layers
+        from qtune.train import lr_factor, make_optimizer
+
+        configure_host_allocator(torch.device("cpu"), rss_bounded=False)  # as qtune.train does on CPU before loading
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"qtune-{method}-", dir=work))
+        self.cfg = cfg = bench_config(method, total_steps, compute_dtype, self.run_dir, **overrides)
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        self.model, _, _, _ = build_model(cfg, self.run_dir, progress=False)
+        # RoSA: the sparse support from the first batches, as qtune.train chooses it before the optimizer
+        n_mask = min(cfg.rosa_mask_steps, len(data["order"]))
+        choose_supports(self.model, (batch_of(data, k) for k in range(n_mask)), cfg.rosa_density, self.run_dir)
+        self.setup_s = time.perf_counter() - t0
+        self.setup_peak_rss_bytes = peak_rss_bytes()
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.lr_scheduler))
+        self.meter = (meter_cls or MemoryMeter)(torch.device("cpu")).attach(decoder_layers(self.model))
+        self.steps_done = 0
+        self.model.train()
+
+    def step(self, batch: dict) -> dict:
+        """One optimizer step (qtune.train.train_step) over one micro-batch; its result dict."""
+        from qtune.train import train_step
+
+        self.steps_done += 1
+        self.meter.begin_step(self.steps_done)
+        return train_step(self.model, self.optimizer, self.scheduler, [batch], self.cfg.max_grad_norm)
+
+    def logits(self, input_ids, attention_mask):
+        """(b, t, vocab) logits: the engine's final hidden states through the head."""
+        return self.model.lm_head(self.model.qtune_engine.hidden_states(input_ids, attention_mask))
+
+    def heldout(self, data: dict) -> float:
+        return heldout_loss(self.model, data, autocast=False, logits_fn=self.logits)
+
+    def execution(self) -> dict:
+        """Which path each decoder layer ran in the last step (qtune.engine's execution report)."""
+        return self.model.qtune_engine.execution_report(self.steps_done)
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def close(self) -> None:
+        self.meter.detach()
+
+
+# --- workers: one training run each ------------------------------------------------------------
+
+class LockstepGate:
+    """A worker's side of a lockstep run (tools/bench_methods.py): before each step it waits for the
+    parent's go (a line on stdin), after it says done (a byte on the ack pipe), outside the timed region.
+    So two workers' steps alternate one by one and each pair of steps sees the same machine."""
+
+    def __init__(self, ack_fd: int):
+        self.ack_fd = ack_fd
+
+    def ready(self) -> None:
+        os.write(self.ack_fd, b"r")
+
+    def wait(self) -> None:
+        if not sys.stdin.readline():
+            raise SystemExit("lockstep: the parent went away")
+
+    def done(self) -> None:
+        os.write(self.ack_fd, b"d")
+
+
+def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate | None = None) -> dict:
+    """Run warmup + steps steps of step_fn(input_ids, attention_mask, labels) -> loss; time the last `steps`
+    (under a gate, each step waits for the parent's go, untimed). A step's time covers slicing its rows,
+    forward, backward, clipping, the optimizer step and zero_grad."""
+    order = data["order"]  # (warmup + steps, batch) row indices
+    ids_all, mask_all, lab_all = data["input_ids"], data["attention_mask"], data["labels"]
+    times, tokens, losses = [], [], []
+    if gate is not None:
+        gate.ready()
+    for s in range(warmup + steps):
+        if gate is not None:
+            gate.wait()
+        t0 = time.perf_counter()
+        rows = order[s]
+        ids, mask, labels = ids_all[rows], mask_all[rows], lab_all[rows]
+        n_input = int(mask.sum())
+        loss = step_fn(ids, mask, labels)
+        dt = time.perf_counter() - t0
+        if gate is not None:
+            gate.done()
+        losses.append(loss)
+        if s >= warmup:
+            times.append(dt)
+            tokens.append(n_input)
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss became {loss} at step {s + 1}")
+    return {"step_times_s": times, "step_tokens": tokens, "train_losses": losses}
+
+
+def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16",
+                 gate: LockstepGate | None = None) -> dict:
+    from qtune.errors import QtuneError
+
+    try:
+        run = QtuneRun(method, data, work, warmup + steps, compute_dtype)
+    except QtuneError as e:
+        if "not available" in str(e):
+            return {"unavailable": str(e)}
+        raise
+    before = run.heldout(data)
+    res = train_loop(lambda ids, mask, labels: run.step({"input_ids": ids, "attention_mask": mask,
+                                                         "labels": labels})["loss"], data, warmup, steps, gate)
+    res["execution"] = run.execution()  # which path the layers ran: a speed figure must say
+    train_rss = peak_rss_bytes()
+    after = run.heldout(data)
+    run.close()
+    return {**res, "setup_s": run.setup_s, "setup_peak_rss_bytes": run.setup_peak_rss_bytes,
+            "train_peak_rss_bytes": train_rss, "heldout_before": before, "heldout_after": after,
+            "trainable_params": run.trainable_params(), "peak_heap_bytes": run.meter.peak_bytes()}
+
+
+# --- the peer's side: transformers + bitsandbytes + PEFT ---------------------------------------
+
+def _bnb_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _lora_config(**kw):
+    from peft import LoraConfig
+
+    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
+                      task_type="CAUSAL_LM", **kw)
+
+
+def prep_peer_pissa(model_dir: Path, out: Path) -> dict:
+    """PEFT's QPiSSA preprocessing (examples/pissa_finetuning): PiSSA on the fp32 model, then save the
+    adapter (as pissa_init/, marked to load as-is) and the residual model (unload())."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, _lora_config(init_lora_weights="pissa_niter_4"))
+    peft_model.peft_config["default"].init_lora_weights = True  # reload A, B as saved, no second SVD
+    peft_model.save_pretrained(out / "pissa_init")
+    residual = peft_model.unload()
+    residual.save_pretrained(out)
+    return {"prep_s": time.perf_counter() - t0, "prep_peak_rss_bytes": peak_rss_bytes()}
+
+
+def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None, warmup: int, steps: int,
+                compute_dtype: str = "bfloat16", gate: LockstepGate | None = None) -> dict:
+    """The peer's run. bfloat16: a bf16 model under autocast bf16 (the issue's pinned setting); float32:
+    an fp32 model and bnb compute dtype, no autocast."""
+    import torch
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, compute_dtype)
+    autocast = dtype == torch.bfloat16
+    torch.manual_seed(SEED)
+    ckpt = {"use_reentrant": False}
+    t0 = time.perf_counter()
+    if method == "lora16":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        model = get_peft_model(model, _lora_config())
+    elif method == "qpissa":
+        model = AutoModelForCausalLM.from_pretrained(pissa_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
+        model = PeftModel.from_pretrained(model, pissa_dir, subfolder="pissa_init", is_trainable=True)
+    elif method in ("qlora", "qdora"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
+        model = get_peft_model(model, _lora_config(use_dora=method == "qdora"))
+    else:
+        raise SystemExit(f"no peer for method {method!r}")
+    model.config.use_cache = False
+    setup_s = time.perf_counter() - t0
+    setup_rss = peak_rss_bytes()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    before = heldout_loss(model, data, autocast=autocast)
+    model.train()  # from_pretrained returns eval mode
+
+    def step(ids, mask, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    res = train_loop(step, data, warmup, steps, gate)
+    train_rss = peak_rss_bytes()
+    after = heldout_loss(model, data, autocast=autocast)
+    return {**res, "setup_s": setup_s, "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": train_rss,
+            "heldout_before": before, "heldout_after": after, "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def worker_main(args) -> None:
+    """A worker process (`tools/bench_peft.py --worker SIDE METHOD ...`, see the module docstring).
+    SIDE prep: once per benchmark, before any timed run (METHOD qtune-cache: fill qtune's quantized
+    cache, as any first `qtune train` does; qpissa: the peer's PiSSA preprocessing)."""
+    quiet_bitsandbytes()
+    import torch
+
+    gate = LockstepGate(args.lockstep_ack_fd) if args.lockstep_ack_fd is not None else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side, method = args.worker
+    work = Path(args.work)
+    if side == "prep":
+        if method == "qtune-cache":
+            from qtune.loader import QuantSpec, load_model
+
+            load_model(Path(args.model_dir), QuantSpec(4, "nf4", True), getattr(torch, args.compute_dtype),
+                       progress=False)  # the cache is keyed by the compute dtype
+            out = {"peak_rss_bytes": peak_rss_bytes()}
+        else:
+            out = prep_peer_pissa(Path(args.model_dir), work / "peer_pissa")
+    else:
+        data = load_data(work)
+        t0 = time.perf_counter()
+        if side == "qtune":
+            out = worker_qtune(method, data, work, args.warmup, args.steps, args.compute_dtype, gate)
+        else:
+            out = worker_peer(method, data, Path(args.model_dir), work / "peer_pissa", args.warmup, args.steps,
+                              args.compute_dtype, gate)
+        out["wall_s"] = time.perf_counter() - t0
+    out.update(side=side, method=method, peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads())
+    Path(args.result).write_text(json.dumps(out))
+
+
+# --- the parent: starting workers of this checkout or another one ------------------------------
+
+def worker_command(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None) -> tuple[list[str], Path, Path]:
+    """(command line, result file, log file) of one worker process: `tree`'s tools/bench_peft.py (another
+    checkout of this repository: tools/bench_methods.py --against-tree), or this checkout's. Only flags
+    every checkout's worker knows."""
+    result = work / f"{tag}.json"
+    script = Path(tree or ROOT) / WORKER_SCRIPT
+    cmd = [sys.executable, str(script), "--worker", side, method, "--work", str(work),
+           "--result", str(result), "--model-dir", str(args.model_dir), "--steps", str(args.steps),
+           "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    dtype = getattr(args, "compute_dtype", "bfloat16")
+    if dtype != "bfloat16":  # only then: a worker of an older tree knows no such flag
+        cmd += ["--compute-dtype", dtype]
+    return cmd, result, work / f"{tag}.log"
+
+
+def worker_env(tree: Path | None = None) -> dict:
+    """The environment of a worker that runs `tree`'s qtune and quant (None: this checkout's):
+    PYTHONPATH's entries come before the editable install's finder, so `import qtune` finds the tree's."""
+    root = str(Path(tree or ROOT).resolve())
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root] + ([os.environ["PYTHONPATH"]]
+                                                                 if os.environ.get("PYTHONPATH") else []))}
+
+
+def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None):
+    """A worker under the lockstep gate (LockstepGate): (process, ack pipe, result file, log file). The
+    parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then b"d" after
+    each step from the ack pipe. `tree`: run another checkout's code (worker_command)."""
+    cmd, result, log = worker_command(args, work, side, method, tag, tree)
+    ack_r, ack_w = os.pipe()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=f,
+                                stderr=subprocess.STDOUT, pass_fds=(ack_w,), env=worker_env(tree))
+    os.close(ack_w)
+    return proc, os.fdopen(ack_r, "rb", buffering=0), result, log
+
+
+def run_worker(args, work: Path, side: str, method: str, tag: str) -> dict:
+    """Run one worker of this checkout to its end; its result (read_worker_result)."""
+    cmd, result, log = worker_command(args, work, side, method, tag)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env()).returncode
+    return read_worker_result(result, log, rc, side, method, tag, t0)
+
+
+def read_worker_result(result: Path, log: Path, rc: int, side: str, method: str, tag: str, t0: float) -> dict:
+    """A finished worker's JSON result (or an error entry with its log's tail), with a one-line summary."""
+    if rc != 0 or not result.is_file():
+        tail = log.read_text()[-3000:]
+        print(f"  {tag}: FAILED (exit {rc})\n{tail}", file=sys.stderr)
+        return {"side": side, "method": method, "error": f"exit {rc}: {tail[-600:]}"}
+    out = json.loads(result.read_text())
+    if "unavailable" in out:
+        print(f"  {tag}: unavailable: {out['unavailable']}", file=sys.stderr)
+    elif "step_times_s" in out:
+        layers = out.get("execution", {}).get("layers")  # older checkouts' workers do not report it
+        paths = f", layers compiled {layers['compiled']}/{layers['compiled'] + layers['eager']}" if layers else ""
+        print(f"  {tag}: {statistics.median(out['step_times_s']):.3f} s/step, peak RSS "
+              f"{out['peak_rss_bytes'] / 2**30:.2f} GiB, held-out {out['heldout_before']:.4f} -> "
+              f"{out['heldout_after']:.4f}{paths} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return out
