@@ -41,15 +41,16 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     Returns the wrapped module names. Adapters are initialised from `seed` (same seed, same A).
     """
     layer_cls = adapter_layer_for(method)
+    kinds = layer_cls.targets  # the module types the method adapts (linears, or e.g. norms)
     model.requires_grad_(False)
     targets = [(n, m) for n, m in model.named_modules()
-               if n.rpartition(".")[2] in target_modules and isinstance(m, (QuantLinear, nn.Linear))
-               and not n.endswith("lm_head")]
+               if n.rpartition(".")[2] in target_modules and isinstance(m, kinds) and not n.endswith("lm_head")]
     if not targets:
-        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, (QuantLinear, nn.Linear))})
-        raise QtuneError(f"No linear layer matches --target-modules {','.join(target_modules)}. "
-                         f"This model's linears are: {', '.join(names)}.")
-    too_small = [(n, min(m.in_features, m.out_features)) for n, m in targets if rank > min(m.in_features, m.out_features)]
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, kinds)})
+        raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(target_modules)}. "
+                         f"This model's {layer_cls.target_kind}s are: {', '.join(names)}.")
+    too_small = [(n, min(m.in_features, m.out_features)) for n, m in targets
+                 if isinstance(m, (nn.Linear, QuantLinear)) and rank > min(m.in_features, m.out_features)]
     if too_small:
         n, limit = too_small[0]
         raise QtuneError(f"--rank {rank} is larger than layer {n} allows (at most {limit}). Pass a smaller --rank.")

@@ -8,8 +8,12 @@ loss term and calls its hook after each optimizer step.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
+
+from quant import QuantLinear
 
 
 class Adapter(nn.Module):
@@ -19,6 +23,10 @@ class Adapter(nn.Module):
     forward) and `delta_weight`. The defaults below fit an adapter of a linear's weight."""
 
     base_layer: nn.Module
+    targets: ClassVar[tuple[type, ...]] = (nn.Linear, QuantLinear)
+    """The module types the method adapts (attach_adapters matches --target-modules among them):
+    linears here; a method that tunes norms or biases names those types."""
+    target_kind: ClassVar[str] = "linear layer"
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors, by their names inside this module (what a checkpoint stores)."""
@@ -60,8 +68,6 @@ class Adapter(nn.Module):
 
 def base_weight(base: nn.Module) -> torch.Tensor:
     """The frozen base's weight (out, in) in fp32, dequantized if it is stored quantized."""
-    from quant import QuantLinear
-
     return base.dequantized_weight(torch.float32) if isinstance(base, QuantLinear) else base.weight.detach().float()
 
 
