@@ -102,6 +102,6 @@ def test_train_step_adds_the_extra_loss_to_the_loss_and_its_gradient(tiny_llama,
     optimizer = torch.optim.SGD(params, lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     result = train_step(model, optimizer, scheduler, [batch])
-    assert abs(result["loss"] - float(want)) < 1e-5 * float(want)
+    assert abs(result["loss"] - want.item()) < 1e-5 * want.item()
     for p, b, g in zip(params, before, want_grads):
         torch.testing.assert_close((b - p.detach()) / lr, g, atol=1e-3, rtol=1e-3)

@@ -58,11 +58,9 @@ def test_disk_offload_bounds_rss_on_a_1gb_quantized_model(tmp_path):
     subprocess each: with --offload disk the process's peak RSS is clearly below the in-memory run's,
     and the loss is the same."""
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import scale_7b
+    from tools import scale_7b
 
     geometry = json.loads((Path(scale_7b.ROOT) / "examples/configs/llama-2-7b.json").read_text())
     written = scale_7b.write_quantized_model(tmp_path / "model", geometry, layers=10)

@@ -21,10 +21,10 @@ How firm a median is: the per-round medians, the pairs' middle half, and a boots
 the median over the pairs (seeded; pairs of one round share its machine, so this interval is the
 narrow end of the truth). --pool reports the pairs of several result files as one sample.
 
-Same setting, data and workers as tools/bench_peft.py (tools/harness.py: `tools/bench_peft.py --worker
+Same setting, data and workers as tools/bench_peft.py (tools/workers.py: `tools/bench_peft.py --worker
 qtune METHOD` processes, one run per process, each step qtune.train.train_step, 2 warm-up + 20 timed
 steps by default). With --against-tree the reference runs DIR's own tools/bench_peft.py worker with
-DIR's qtune (any checkout that has one, older ones included: the worker protocol in tools/harness.py
+DIR's qtune (any checkout that has one, older ones included: the worker protocol in tools/workers.py
 is what they share). Writes tools/results/bench_methods.md and bench_methods.json.
 """
 

@@ -30,7 +30,7 @@ Methods and their peers:
     lora16  qtune --method qlora --bits 16  | PEFT LoRA on the bf16 base (no quantization)
 
 How it measures:
-  * Every (side, method) run is its own process (`--worker SIDE METHOD`, tools/harness.py), so its peak
+  * Every (side, method) run is its own process (`--worker SIDE METHOD`, tools/workers.py), so its peak
     RSS (VmHWM) is that run's own. For each method the parent runs qtune, peer, qtune, peer, ...
     (--repeats pairs), and reports medians over runs and the median over pairs of the per-pair ratio
     qtune/peer.
@@ -69,8 +69,10 @@ from pathlib import Path
 
 if __package__:  # python -m tools.bench_peft, or imported as tools.bench_peft
     from tools import harness as h
-else:  # python tools/bench_peft.py: how every checkout's workers are started (tools/harness.py), with
+    from tools import workers
+else:  # python tools/bench_peft.py: how every checkout's workers are started (tools/workers.py), with
     import harness as h  # this file's folder first on sys.path
+    import workers
 
 METHODS, PEERLESS = h.METHODS, h.PEERLESS
 SEQ_LEN, BATCH, RANK, ALPHA, LR, GEMM_N = h.SEQ_LEN, h.BATCH, h.RANK, h.ALPHA, h.LR, h.GEMM_N
@@ -339,7 +341,7 @@ def main():
     if args.report_only:
         rebuild_report(Path(args.out_dir), args.compute_dtype)
     elif args.worker:
-        h.worker_main(args)
+        workers.worker_main(args)
     else:
         parent_main(args)
 

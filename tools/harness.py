@@ -1,8 +1,9 @@
 """The benchmarks' shared harness: one setting, one data preparation, one qtune training run (on
-qtune's public API) and the worker processes with their lockstep protocol.
+qtune's public API), and the parent's side of the worker processes.
 
 Used by tools/bench_peft.py (qtune against the peer stack), tools/bench_methods.py (lockstep step
-pairs, --against-tree A/B) and tools/profile_step.py (torch.profiler over the same step).
+pairs, --against-tree A/B), tools/profile_step.py (torch.profiler over the same step) and
+tools/workers.py (the worker processes: one run each, qtune's or the peer's, and their protocol).
 
 The setting (both sides of every benchmark): SmolLM2-135M-Instruct, the first --plays Shakespeare
 training plays, seq 256 × batch 4, rank 16 on all 7 linears of every decoder layer, alpha 16 (scale 1),
@@ -14,22 +15,16 @@ qtune.model.build_model, RoSA's support chosen from the first batches (qtune.ada
 qtune.train.make_optimizer, a LambdaLR over qtune.train.lr_factor, the MemoryMeter on the decoder
 layers, and each step is qtune.train.train_step.
 
-Worker processes. Every (side, method) run is its own process, `tools/bench_peft.py --worker SIDE
-METHOD --work DIR --result FILE --model-dir DIR --steps N --warmup N [--threads N] [--compute-dtype
-float32] [--lockstep-ack-fd FD]`: it reads DIR/data.safetensors (prepare_data), trains, and writes a
-JSON result (step_times_s, step_tokens, train_losses, heldout_before/after, setup_s,
-setup_peak_rss_bytes, train_peak_rss_bytes, peak_rss_bytes, ...). That command line, the data file
-and the result are a protocol between checkouts: tools/bench_methods.py --against-tree runs another
-checkout's own tools/bench_peft.py with it (older checkouts have nothing else), so keep all three
-compatible. Under --lockstep-ack-fd the worker writes b"r" on that fd once loaded, then before each
-step waits for a line on stdin and after it writes b"d" (LockstepGate), outside the timed region.
+Worker processes (tools/workers.py has the protocol: the command line, data file and JSON result
+that every checkout's `tools/bench_peft.py --worker SIDE METHOD ...` speaks, and the lockstep gate).
+Here, the parent's side: worker_command builds a worker's command line (this checkout's or another
+tree's), run_worker runs one to its end, start_gated_worker starts one under the lockstep gate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -280,197 +275,6 @@ class QtuneRun:
         self.meter.detach()
 
 
-# --- workers: one training run each ------------------------------------------------------------
-
-class LockstepGate:
-    """A worker's side of a lockstep run (tools/bench_methods.py): before each step it waits for the
-    parent's go (a line on stdin), after it says done (a byte on the ack pipe), outside the timed region.
-    So two workers' steps alternate one by one and each pair of steps sees the same machine."""
-
-    def __init__(self, ack_fd: int):
-        self.ack_fd = ack_fd
-
-    def ready(self) -> None:
-        os.write(self.ack_fd, b"r")
-
-    def wait(self) -> None:
-        if not sys.stdin.readline():
-            raise SystemExit("lockstep: the parent went away")
-
-    def done(self) -> None:
-        os.write(self.ack_fd, b"d")
-
-
-def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate | None = None) -> dict:
-    """Run warmup + steps steps of step_fn(input_ids, attention_mask, labels) -> loss; time the last `steps`
-    (under a gate, each step waits for the parent's go, untimed). A step's time covers slicing its rows,
-    forward, backward, clipping, the optimizer step and zero_grad."""
-    order = data["order"]  # (warmup + steps, batch) row indices
-    ids_all, mask_all, lab_all = data["input_ids"], data["attention_mask"], data["labels"]
-    times, tokens, losses = [], [], []
-    if gate is not None:
-        gate.ready()
-    for s in range(warmup + steps):
-        if gate is not None:
-            gate.wait()
-        t0 = time.perf_counter()
-        rows = order[s]
-        ids, mask, labels = ids_all[rows], mask_all[rows], lab_all[rows]
-        n_input = int(mask.sum())
-        loss = step_fn(ids, mask, labels)
-        dt = time.perf_counter() - t0
-        if gate is not None:
-            gate.done()
-        losses.append(loss)
-        if s >= warmup:
-            times.append(dt)
-            tokens.append(n_input)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"loss became {loss} at step {s + 1}")
-    return {"step_times_s": times, "step_tokens": tokens, "train_losses": losses}
-
-
-def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16",
-                 gate: LockstepGate | None = None) -> dict:
-    from qtune.errors import QtuneError
-
-    try:
-        run = QtuneRun(method, data, work, warmup + steps, compute_dtype)
-    except QtuneError as e:
-        if "not available" in str(e):
-            return {"unavailable": str(e)}
-        raise
-    before = run.heldout(data)
-    res = train_loop(lambda ids, mask, labels: run.step({"input_ids": ids, "attention_mask": mask,
-                                                         "labels": labels})["loss"], data, warmup, steps, gate)
-    res["execution"] = run.execution()  # which path the layers ran: a speed figure must say
-    train_rss = peak_rss_bytes()
-    after = run.heldout(data)
-    run.close()
-    return {**res, "setup_s": run.setup_s, "setup_peak_rss_bytes": run.setup_peak_rss_bytes,
-            "train_peak_rss_bytes": train_rss, "heldout_before": before, "heldout_after": after,
-            "trainable_params": run.trainable_params(), "peak_heap_bytes": run.meter.peak_bytes()}
-
-
-# --- the peer's side: transformers + bitsandbytes + PEFT ---------------------------------------
-
-def _bnb_config(dtype):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
-
-
-def _lora_config(**kw):
-    from peft import LoraConfig
-
-    return LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
-                      task_type="CAUSAL_LM", **kw)
-
-
-def prep_peer_pissa(model_dir: Path, out: Path) -> dict:
-    """PEFT's QPiSSA preprocessing (examples/pissa_finetuning): PiSSA on the fp32 model, then save the
-    adapter (as pissa_init/, marked to load as-is) and the residual model (unload())."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(SEED)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, _lora_config(init_lora_weights="pissa_niter_4"))
-    peft_model.peft_config["default"].init_lora_weights = True  # reload A, B as saved, no second SVD
-    peft_model.save_pretrained(out / "pissa_init")
-    residual = peft_model.unload()
-    residual.save_pretrained(out)
-    return {"prep_s": time.perf_counter() - t0, "prep_peak_rss_bytes": peak_rss_bytes()}
-
-
-def worker_peer(method: str, data: dict, model_dir: Path, pissa_dir: Path | None, warmup: int, steps: int,
-                compute_dtype: str = "bfloat16", gate: LockstepGate | None = None) -> dict:
-    """The peer's run. bfloat16: a bf16 model under autocast bf16 (the issue's pinned setting); float32:
-    an fp32 model and bnb compute dtype, no autocast."""
-    import torch
-    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, compute_dtype)
-    autocast = dtype == torch.bfloat16
-    torch.manual_seed(SEED)
-    ckpt = {"use_reentrant": False}
-    t0 = time.perf_counter()
-    if method == "lora16":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-        model = get_peft_model(model, _lora_config())
-    elif method == "qpissa":
-        model = AutoModelForCausalLM.from_pretrained(pissa_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
-        model = PeftModel.from_pretrained(model, pissa_dir, subfolder="pissa_init", is_trainable=True)
-    elif method in ("qlora", "qdora"):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config(dtype), dtype=dtype)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=ckpt)
-        model = get_peft_model(model, _lora_config(use_dora=method == "qdora"))
-    else:
-        raise SystemExit(f"no peer for method {method!r}")
-    model.config.use_cache = False
-    setup_s = time.perf_counter() - t0
-    setup_rss = peak_rss_bytes()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    before = heldout_loss(model, data, autocast=autocast)
-    model.train()  # from_pretrained returns eval mode
-
-    def step(ids, mask, labels):
-        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    res = train_loop(step, data, warmup, steps, gate)
-    train_rss = peak_rss_bytes()
-    after = heldout_loss(model, data, autocast=autocast)
-    return {**res, "setup_s": setup_s, "setup_peak_rss_bytes": setup_rss, "train_peak_rss_bytes": train_rss,
-            "heldout_before": before, "heldout_after": after, "trainable_params": sum(p.numel() for p in trainable)}
-
-
-def worker_main(args) -> None:
-    """A worker process (`tools/bench_peft.py --worker SIDE METHOD ...`, see the module docstring).
-    SIDE prep: once per benchmark, before any timed run (METHOD qtune-cache: fill qtune's quantized
-    cache, as any first `qtune train` does; qpissa: the peer's PiSSA preprocessing)."""
-    quiet_bitsandbytes()
-    import torch
-
-    gate = LockstepGate(args.lockstep_ack_fd) if args.lockstep_ack_fd is not None else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    side, method = args.worker
-    work = Path(args.work)
-    if side == "prep":
-        if method == "qtune-cache":
-            from qtune.loader import QuantSpec, load_model
-
-            load_model(Path(args.model_dir), QuantSpec(4, "nf4", True), getattr(torch, args.compute_dtype),
-                       progress=False)  # the cache is keyed by the compute dtype
-            out = {"peak_rss_bytes": peak_rss_bytes()}
-        else:
-            out = prep_peer_pissa(Path(args.model_dir), work / "peer_pissa")
-    else:
-        data = load_data(work)
-        t0 = time.perf_counter()
-        if side == "qtune":
-            out = worker_qtune(method, data, work, args.warmup, args.steps, args.compute_dtype, gate)
-        else:
-            out = worker_peer(method, data, Path(args.model_dir), work / "peer_pissa", args.warmup, args.steps,
-                              args.compute_dtype, gate)
-        out["wall_s"] = time.perf_counter() - t0
-    out.update(side=side, method=method, peak_rss_bytes=peak_rss_bytes(), threads=torch.get_num_threads())
-    Path(args.result).write_text(json.dumps(out))
-
-
 # --- the parent: starting workers of this checkout or another one ------------------------------
 
 def worker_command(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None) -> tuple[list[str], Path, Path]:
@@ -497,9 +301,9 @@ def worker_env(tree: Path | None = None) -> dict:
 
 
 def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None):
-    """A worker under the lockstep gate (LockstepGate): (process, ack pipe, result file, log file). The
-    parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then b"d" after
-    each step from the ack pipe. `tree`: run another checkout's code (worker_command)."""
+    """A worker under the lockstep gate (workers.LockstepGate): (process, ack pipe, result file, log
+    file). The parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then
+    b"d" after each step from the ack pipe. `tree`: run another checkout's code (worker_command)."""
     cmd, result, log = worker_command(args, work, side, method, tag, tree)
     ack_r, ack_w = os.pipe()
     with open(log, "w") as f:
