@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         mask_batches = ({k: v.to(device) for k, v in _rows_dict(train_rows, micro_batch_rows(k, len(train_rows),
                                                                                              cfg.batch_size, cfg.seed)).items()}
                         for k in range(cfg.rosa_mask_steps))
-        choose_supports(model, mask_batches, cfg.rosa_density, run_dir)
+        choose_supports(model, mask_batches, cfg.rosa_density, run_dir, engine_of(model).mean_loss)
     micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     optimizer = make_optimizer(model, cfg)

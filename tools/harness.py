@@ -239,7 +239,8 @@ class QtuneRun:
         self.model, _, _, _ = build_model(cfg, self.run_dir, progress=False)
         # RoSA: the sparse support from the first batches, as qtune.train chooses it before the optimizer
         n_mask = min(cfg.rosa_mask_steps, len(data["order"]))
-        choose_supports(self.model, (batch_of(data, k) for k in range(n_mask)), cfg.rosa_density, self.run_dir)
+        choose_supports(self.model, (batch_of(data, k) for k in range(n_mask)), cfg.rosa_density, self.run_dir,
+                        self.model.qtune_engine.mean_loss)  # as qtune.train
         self.setup_s = time.perf_counter() - t0
         self.setup_peak_rss_bytes = peak_rss_bytes()
         self.optimizer = make_optimizer(self.model, cfg)
@@ -259,7 +260,7 @@ class QtuneRun:
 
     def logits(self, input_ids, attention_mask):
         """(b, t, vocab) logits: the engine's final hidden states through the head."""
-        return self.model.lm_head(self.model.qtune_engine.hidden_states(input_ids, attention_mask))
+        return self.model.qtune_engine.logits(input_ids, attention_mask)
 
     def heldout(self, data: dict) -> float:
         return heldout_loss(self.model, data, autocast=False, logits_fn=self.logits)

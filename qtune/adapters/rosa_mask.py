@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qtune.adapters.base import Adapter
 from qtune.adapters.rosa import RoSALinear
 
 def select_sparse_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
@@ -56,10 +57,12 @@ class _GradSquareTap(torch.autograd.Function):
     """Identity on a frozen linear's output y; its backward adds (dL/dW)² = (grad_yᵀ x)² to an accumulator.
 
     x goes through save_for_backward (not a side dict), so gradient checkpointing frees and recomputes
-    it like any activation, and a recomputed forward (whose graph never runs backward) counts nothing."""
+    it like any activation, and a recomputed forward (whose graph never runs backward) counts nothing.
+    `anchor` (a scalar that requires grad) makes the output require grad although nothing upstream
+    does (the model is frozen), so that backward reaches every tap."""
 
     @staticmethod
-    def forward(ctx, y, x, accumulator):
+    def forward(ctx, y, x, accumulator, anchor):
         ctx.save_for_backward(x)
         ctx.accumulator = accumulator
         return y.clone()  # a new tensor, not a view: later in-place ops on the layer output stay legal
@@ -69,43 +72,42 @@ class _GradSquareTap(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_w = grad_y.reshape(-1, grad_y.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
         ctx.accumulator.add_(grad_w.square_().to(ctx.accumulator.device))  # then grad_w is freed
-        return grad_y, None, None
+        return grad_y, None, None, None
 
 
 def accumulate_weight_grad_squares(model: nn.Module, layer_names: list[str], batches: Iterable[dict],
-                                   accumulators: dict[str, torch.Tensor]) -> None:
+                                   accumulators: dict[str, torch.Tensor], loss_fn=None) -> None:
     """accumulators[name] += (dL/dW)² per batch, dL/dW = grad_outᵀ x (fp32, (out, in)), for frozen linears.
 
-    L is the model's own loss (`model(**batch).loss`). Each named layer may be the linear itself or an
-    adapter wrapping it (`.base_layer`). A forward hook on the linear taps its output; in backward the
-    tap forms ONE layer's (out, in) gradient, adds its square in place and frees it and x: at most
-    one dense temporary at a time. The model's mode is kept: in train mode with gradient checkpointing
-    on, activations stay bounded as in training (the tap saves x as autograd does, so it is recomputed,
-    not kept, and the hooks firing twice on recomputation count once). Batches are moved to the
-    model's device; no .grad is written; requires_grad flags and the input-embedding hook are restored."""
+    L is `loss_fn(batch)` (the mean token loss; default the model's own, `model(**batch).loss`). Each
+    named layer may be the linear itself or an adapter wrapping it (its base_layer). A forward hook on
+    the linear taps its output; in backward the tap forms ONE layer's (out, in) gradient, adds its
+    square in place and frees it and x: at most one dense temporary at a time. The model's mode is
+    kept: in train mode with gradient checkpointing on, activations stay bounded as in training (the
+    tap saves x as autograd does, so it is recomputed, not kept, and the hooks firing twice on
+    recomputation count once). Batches are moved to the model's device; no .grad is written; the
+    requires_grad flags are restored."""
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     device = next(model.parameters()).device
-    enabled_here = not getattr(model, "_require_grads_hooks", None)  # the caller may have enabled it already
+    anchor = torch.zeros((), device=device, requires_grad=True)
     handles = []
 
     def tap(name):
-        return lambda module, args, y: _GradSquareTap.apply(y, args[0].detach(), accumulators[name])
+        return lambda module, args, y: _GradSquareTap.apply(y, args[0].detach(), accumulators[name], anchor)
 
     try:
-        model.requires_grad_(False)  # only the embedding output requires grad: no .grad anywhere
-        if enabled_here:
-            model.enable_input_require_grads()  # else nothing requires grad and backward has no graph
+        model.requires_grad_(False)  # no .grad anywhere: the taps' anchor carries the graph
         for name in layer_names:
             layer = model.get_submodule(name)
-            handles.append(getattr(layer, "base_layer", layer).register_forward_hook(tap(name)))
+            base = layer.base_layer if isinstance(layer, Adapter) else layer
+            handles.append(base.register_forward_hook(tap(name)))
         for batch in batches:
             with torch.enable_grad():
-                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                (loss_fn(batch) if loss_fn is not None else model(**batch).loss).backward()
     finally:
         for h in handles:
             h.remove()
-        if enabled_here:
-            model.disable_input_require_grads()
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
 
@@ -129,15 +131,16 @@ def restore_supports(model: nn.Module, run_dir: Path | None) -> bool:
     return True
 
 
-def choose_supports(model: nn.Module, batches, density: float, run_dir: Path) -> dict | None:
-    """Pick every RoSA layer's support from accumulated squared gradients and save it."""
+def choose_supports(model: nn.Module, batches, density: float, run_dir: Path, loss_fn=None) -> dict | None:
+    """Pick every RoSA layer's support from accumulated squared gradients (of `loss_fn(batch)`, default the
+    model's own loss) and save it."""
     layers = rosa_layers(model)
     if not layers:
         return None
     folder = Path(run_dir) / ".rosa_scores"
     try:
         scores = mmap_accumulators({n: (l.out_features, l.in_features) for n, l in layers.items()}, folder)
-        accumulate_weight_grad_squares(model, list(layers), batches, scores)
+        accumulate_weight_grad_squares(model, list(layers), batches, scores, loss_fn)
         masks = {n: select_sparse_mask(scores[n], density) for n in layers}
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -64,6 +64,17 @@ class Engine:
         probe()
         return rms_norm(h, inner.norm.weight, float(inner.norm.variance_epsilon))
 
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, vocab) logits in the compute dtype (all at once: for scoring, not for training)."""
+        return self.model.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    def mean_loss(self, batch: dict) -> torch.Tensor:
+        """The mean next-token cross-entropy of a batch from its full fp32 logits, as transformers' own
+        loss computes it (RoSA's support selection ranks gradients of this)."""
+        logits = self.logits(batch["input_ids"], batch["attention_mask"])
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
              chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
         """(sum of next-token cross-entropy over labelled tokens, their count)."""
