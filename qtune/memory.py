@@ -79,12 +79,11 @@ def keep_freed_memory_for_reuse(trim_threshold: int = 256 * 2**20, mmap_threshol
     OS and faulting fresh zeroed pages in again.
 
     By default glibc raises its mmap threshold to each large block freed (capped at 32 MiB) and trims
-    the heap's top once more than twice that threshold is free, so every SmolLM2 step (its 22 MiB head
-    chunks, the layers' activations) gave its blocks back and took ~40 000 minor page faults, ≈ 150 MiB
-    of pages zeroed and mapped again. Here the mmap threshold is fixed at that 32 MiB cap (blocks above
-    it are mapped and unmapped as before; with a 256 MiB threshold a loop of 40 MiB posix_memalign
-    blocks, torch's allocation, missed the freed holes and grew RSS by a block a round) and only the
-    trimming waits until `trim_threshold` is free. Peak RSS stays what it was: a step's largest live
+    the heap's top once more than twice that threshold is free, so every step gave its blocks back and
+    faulted fresh zeroed pages in again (docs/benchmarks.md). Here the mmap threshold is fixed at that
+    32 MiB cap (blocks above it are mapped and unmapped as before; a larger threshold let torch's
+    aligned allocations miss the freed holes and grow RSS a block a round) and only the trimming waits
+    until `trim_threshold` is free. Peak RSS stays what it was: a step's largest live
     set is the same, and its memory is only not given back between steps. Used for CPU runs whose
     RSS is not bounded (qtune.train); with --offload disk or --max-memory,
     release_freed_memory_promptly instead. Returns False where there is no glibc (nothing changed)."""
