@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtune.adapters.rosa import RoSALinear
 from qtune.engine.compiled import maybe_compile
 from qtune.engine.ops import row_norms, sddmm, tokens_last
 from qtune.memory import probe
@@ -96,7 +97,7 @@ def _weight(base, dtype, values, support) -> torch.Tensor:
 def lora_node(layer: nn.Module, x: torch.Tensor, skip_base: bool) -> torch.Tensor:
     """A LoRALinear (or a RoSALinear, with its support) as one LoRANode."""
     values = support = None
-    if getattr(layer, "nnz", 0):
+    if isinstance(layer, RoSALinear) and layer.nnz:
         values, support = layer.sparse_values, (layer.csr_crow, layer.csr_cols, layer.sparse_indices)
     return LoRANode.apply(x, layer.dropout(x), layer.lora_A, layer.lora_B, layer.base_layer, float(layer.scale),
                           bool(skip_base), values, support)
