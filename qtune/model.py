@@ -18,6 +18,7 @@ from qtune.engine import Engine, RecomputePolicy, causal_lm_loss
 from qtune.engine import compiled as qcompile
 from qtune.engine.attention import choose_attention
 from qtune.engine.fused import frozen_row_sq
+from qtune.engine.linear import route_adapters
 from qtune.loader import DTYPES, QuantSpec, load_config, load_model, load_tokenizer, resolve_model_dir
 from qtune.precision import resolve_compute_dtype
 
@@ -56,6 +57,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
                     policy=RecomputePolicy.from_config(cfg), checkpointing=cfg.gradient_checkpointing,
                     compile_reason=compile_reason(cfg, device))
     model.qtune_engine = engine
+    route_adapters(model)  # transformers' own forward (generation, the generic path) runs the fused nodes too
     if cfg.gradient_checkpointing:  # for transformers' own forward: the generic path, RoSA's mask selection
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled blocks, computed once

@@ -61,8 +61,9 @@ def _reference_loss_and_grads(model, ids, mask):
     model.zero_grad(set_to_none=True)
     labels = torch.where(mask.bool(), ids, -100)
     n = int((labels[:, 1:] != -100).sum())
-    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss * n
-    loss.backward()
+    with model.qtune_engine.reference_forwards():  # backward too: transformers' checkpointing recomputes
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss * n
+        loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -21,6 +21,7 @@ from qtune.adapters.dora import DoRALinear
 from qtune.engine.block import biases, block_compile_reason, decoder_block, position_embeddings, rms_norm, unsupported_reason
 from qtune.engine.compiled import COMPILED, BlockRunner
 from qtune.engine.fused import STEP_NORMS
+from qtune.engine.linear import route_adapters
 from qtune.engine.loss import IGNORE_INDEX, token_loss
 from qtune.engine.recompute import RecomputePolicy, context_fn
 from qtune.memory import probe
@@ -94,6 +95,15 @@ class Engine:
         finally:
             for m in layers:
                 setattr(m, STEP_NORMS, None)
+
+    @contextlib.contextmanager
+    def reference_forwards(self):
+        """The adapters' own reference forwards inside (tests compare the fast paths against them)."""
+        route_adapters(self.model, on=False)
+        try:
+            yield
+        finally:
+            route_adapters(self.model, on=True)
 
     def execution_report(self, step: int) -> dict:
         """metrics.jsonl's execution line: how many layers ran compiled (measured) and why others ran eager."""

@@ -6,6 +6,8 @@ norm's gradient, a base with hooks, a plain base) runs its own forward: the adap
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -45,15 +47,35 @@ def eager(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_onl
     its base GEMM (LoRA); `keep_output`: DoRA keeps its output for the recomputation instead."""
     if module._forward_hooks or module._forward_pre_hooks:  # hooks see the module's own call
         return module(x)
+    return fast_forward(module, x, keep_output, sum_only)
+
+
+def fast_forward(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_only: bool = False):
+    """eager() without the hook check: also the forward of the adapters of a model qtune built
+    (route_adapters), so that transformers' own forward (generation, the generic path) runs the fused
+    nodes, not the reference's per-call fp32 weights."""
     if isinstance(module, DoRALinear):
         if module.detach_norm and isinstance(module.dropout, nn.Identity) and fusable(module.base_layer):
             # eagerly only an output the recomputation does not read (sum_only) can be kept for backward
             kept = (REUSE if recomputing() else KEEP) if keep_output and sum_only and torch.is_grad_enabled() else None
             return dora_node(module, x, kept)
-        return module(x)
-    if isinstance(module, (LoRALinear, RoSALinear)) and fusable(module.base_layer):
+    elif isinstance(module, (LoRALinear, RoSALinear)) and fusable(module.base_layer):
         return lora_node(module, x, skip_base=sum_only and recomputing())
-    return module(x)
+    return type(module).forward(module, x)  # the reference (or a plain linear's own forward)
+
+
+def _routed_forward(self, x):
+    return fast_forward(self, x)
+
+
+def route_adapters(model: nn.Module, on: bool = True) -> None:
+    """Give the adapters of `model` the fast forward (on) or their own reference forward back (off)."""
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, DoRALinear, RoSALinear)):
+            if on:
+                m.forward = types.MethodType(_routed_forward, m)
+            else:
+                m.__dict__.pop("forward", None)
 
 
 # --- traced (inside a compiled block) ---------------------------------------------------------------
