@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtune.adapters.init import loftq_init, pissa_init, reconstruction_error
+from qtune.architectures import is_target
 from qtune.errors import QtuneError
 from qtune.loader import QuantSpec, load_model, save_quantized
 from quant import quantize
@@ -38,7 +39,7 @@ def load_initialised_base(model_dir: Path, cfg, quant: QuantSpec, compute_dtype:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def transform(name: str, weight: torch.Tensor):
-        if name.rpartition(".")[2] not in cfg.target_modules:
+        if not is_target(name, cfg.target_modules):
             return weight
         w = weight.float()  # (out, in): one layer in fp32 at a time
         if min(w.shape) < cfg.rank:

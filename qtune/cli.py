@@ -86,7 +86,7 @@ TRAIN_OPTIONS = [
     _opt("--alpha", type=float, help="lora_alpha (default 16)."),
     _opt("--rslora/--no-rslora", default=None, help="Scale alpha/sqrt(r) instead of alpha/r."),
     _opt("--dropout", type=float, help="Adapter dropout (default 0)."),
-    _opt("--target-modules", help="Comma-separated linear names (default: all attention and MLP linears)."),
+    _opt("--target-modules", help="Comma-separated linear names, e.g. q_proj,v_proj (default: all-linear, every linear inside the decoder layers)."),
     _opt("--lora-plus-ratio", type=float, help="LoRA+: lr of B = ratio x lr (default 1)."),
     _opt("--seq-len", type=int, help="Tokens per sequence (default 256)."),
     _opt("--batch-size", type=int, help="Sequences per micro-batch (default 4)."),

@@ -17,7 +17,7 @@ from qtune.errors import QtuneError
 METHOD_ALIASES = {"lora": "qlora", "dora": "qdora", "pissa": "qpissa", "rosa": "qrosa"}
 METHODS = ("qlora", "qdora", "qpissa", "qrosa")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("all-linear",)  # every linear inside the decoder layers (qtune.architectures)
 
 
 @dataclass

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qtune.architectures import check_config, check_modules, linear_names
 from qtune.embedded import cache_dir, default_model_dir
 from qtune.errors import QtuneError
 from quant import QuantLinear, QuantizedWeight, quantize
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -82,11 +82,9 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
-        raise QtuneError(f"Cannot read the model config in {model_dir}: {e}. "
-                         f"qtune supports {', '.join(SUPPORTED_MODEL_TYPES)} models.") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise QtuneError(f"Unsupported architecture {config.model_type!r} in {model_dir}. qtune supports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family) models; pick one of those.")
+        raise QtuneError(f"Cannot read the model config in {model_dir}: {e}. qtune trains decoder-only causal "
+                         "language models that transformers knows (AutoModelForCausalLM).") from None
+    check_config(config, str(model_dir))
     return config
 
 
@@ -150,18 +148,20 @@ def prequantized_bits(config) -> int | None:
 
 
 def quantized_linear_names(model: nn.Module) -> list[str]:
-    """The linears QLoRA quantizes: every nn.Linear inside the decoder (all but lm_head)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+    """The linears QLoRA quantizes: every nn.Linear inside the decoder layers (not lm_head, not the embeddings)."""
+    return linear_names(model, (nn.Linear,))
 
 
-def build_skeleton(config, compute_dtype: torch.dtype, quantized: list[str] | None = None) -> nn.Module:
+def build_skeleton(config, compute_dtype: torch.dtype, quantized: list[str] | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
     """The model with every weight on the meta device; `quantized` linears replaced by empty QuantLinears."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     cfg = _without_quantization(config)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=compute_dtype, trust_remote_code=trust_remote_code)
+    check_modules(model)
     for name in quantized or []:
         parent, child = _parent(model, name)
         lin = getattr(parent, child)
@@ -201,7 +201,7 @@ def load_model(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = t
     if quant.bits != 16 and not is_prequantized(config) and (use_cache or offload == "disk") and transform is None:
         cached = quantized_cache_path(model_dir, quant, compute_dtype)
         if not (cached / "config.json").is_file():
-            model = _stream_load(model_dir, config, quant, compute_dtype, progress)
+            model = _stream_load(model_dir, config, quant, compute_dtype, progress, trust_remote_code=trust_remote_code)
             save_quantized(model, cached, model_dir)
             if offload == "none":
                 return model
@@ -209,8 +209,8 @@ def load_model(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = t
                 return _offload_to_host(model)
             del model
             gc.collect()
-        model_dir, config = cached, load_config(cached)
-    model = _stream_load(model_dir, config, quant, compute_dtype, progress, transform, offload)
+        model_dir, config = cached, load_config(cached, trust_remote_code)
+    model = _stream_load(model_dir, config, quant, compute_dtype, progress, transform, offload, trust_remote_code)
     return _offload_to_host(model) if offload == "cpu" else model
 
 
@@ -221,7 +221,8 @@ def _offload_to_host(model: nn.Module) -> nn.Module:
     return model
 
 
-def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=None, offload: str = "none") -> nn.Module:
+def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=None, offload: str = "none",
+                 trust_remote_code: bool = False) -> nn.Module:
     """offload 'disk' (pre-quantized sources only): each quantized linear becomes a StreamedWeight
     that reads its tensors from the shard at every use; only one linear's tensors are ever held
     while loading (to learn its format)."""
@@ -237,11 +238,11 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
             names |= {k.split(".weight.quant_state.")[0] for k in _open_shard(shard).keys() if ".weight.quant_state." in k}
         quantized, linears = sorted(names), set()
     else:
-        probe = build_skeleton(config, compute_dtype)
+        probe = build_skeleton(config, compute_dtype, trust_remote_code=trust_remote_code)
         linears = set(quantized_linear_names(probe))
         quantized = sorted(linears) if quant.bits != 16 else []
         del probe
-    model = build_skeleton(config, compute_dtype, quantized)
+    model = build_skeleton(config, compute_dtype, quantized, trust_remote_code)
     qset = set(quantized)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # prequantized parts of one module
     on_disk: dict[str, tuple[Path, list[str]]] = {}   # --offload disk: module -> (shard, its keys)

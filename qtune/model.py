@@ -9,17 +9,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qtune import architectures
 from qtune.adapters import attach_adapters, layer_options, set_initial_factors
 from qtune.adapters.dora import DoRALinear
 from qtune.adapters.rosa_mask import restore_supports
 from qtune.base_init import load_initialised_base
 from qtune.config import TrainConfig
+from qtune.errors import QtuneError
 from qtune.engine import Engine, RecomputePolicy, causal_lm_loss
 from qtune.engine import compiled as qcompile
 from qtune.engine.attention import choose_attention
 from qtune.engine.fused import frozen_row_sq
 from qtune.engine.linear import route_adapters
-from qtune.loader import DTYPES, QuantSpec, load_config, load_model, load_tokenizer, resolve_model_dir
+from qtune.loader import DTYPES, QuantSpec, build_skeleton, load_config, load_model, load_tokenizer, resolve_model_dir
 from qtune.precision import resolve_compute_dtype
 
 
@@ -31,7 +33,8 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     With --init pissa|milora|loftq the base is the initialiser's residual, computed while loading
     and kept in run_dir (see qtune.base_init); otherwise the shared quantized cache is used."""
     model_dir = resolve_model_dir(cfg.model)
-    load_config(model_dir, cfg.trust_remote_code)  # an unsupported architecture is named before anything else
+    # an unsupported architecture is named before anything else (its config, then its layers on the meta device)
+    build_skeleton(load_config(model_dir, cfg.trust_remote_code), torch.float32, trust_remote_code=cfg.trust_remote_code)
     with meter.excluding() if meter is not None else contextlib.nullcontext():
         tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     quant = QuantSpec(cfg.bits, cfg.quant_type, cfg.double_quant)
@@ -59,7 +62,12 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     model.qtune_engine = engine
     route_adapters(model)  # transformers' own forward (generation, the generic path) runs the fused nodes too
     if cfg.gradient_checkpointing:  # for transformers' own forward: the generic path, RoSA's mask selection
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise QtuneError(f"{model.config.model_type!r} does not support gradient checkpointing in transformers, "
+                             "which qtune's generic path uses for it. Pass --no-gradient-checkpointing.")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if engine.unsupported is not None:  # the generic path: its loss must be the model's own
+        architectures.check_head(model, engine)
     for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled blocks, computed once
         if isinstance(m, DoRALinear):
             frozen_row_sq(m, dtype)
@@ -90,7 +98,7 @@ def compiles_layers(cfg: TrainConfig, device: str = "cpu") -> bool:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.model.layers)
+    return list(architectures.decoder_layers(model))
 
 
 @torch.no_grad()

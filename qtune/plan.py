@@ -173,6 +173,7 @@ def backward_peak(stored: int, grads: int, layers: int) -> int:
 def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
     from qtune.adapters import ADAPTER_LAYERS
+    from qtune.architectures import select_targets
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
 
     if cfg.method not in ADAPTER_LAYERS:
@@ -181,7 +182,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     if cfg.compute_dtype == "auto":  # what the run on `device` will pick (qtune.precision)
         cfg = dataclasses.replace(cfg, compute_dtype=resolve_compute_dtype("auto", device))
     c = DTYPE_BYTES[cfg.compute_dtype]
-    skeleton = build_skeleton(config, torch.bfloat16 if c == 2 else torch.float32)
+    skeleton = build_skeleton(config, torch.bfloat16 if c == 2 else torch.float32, trust_remote_code=cfg.trust_remote_code)
     linears = {n: m for n, m in skeleton.named_modules() if n in set(quantized_linear_names(skeleton))}
 
     base, largest_linear = 0, 0
@@ -198,7 +199,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     if streamed:  # quant.offload: the linear in use and the one being prefetched
         base += 2 * largest_linear
 
-    targets = {n: m for n, m in linears.items() if n.rpartition(".")[2] in cfg.target_modules}
+    targets = {n: linears[n] for n in select_targets(list(linears), cfg.target_modules)}
+    leaves = {n.rpartition(".")[2] for n in targets}
     if not targets:
         raise QtuneError(f"No linear layer matches --target-modules {','.join(cfg.target_modules)}.")
     trainable, extra_bytes, tensor_sizes = 0, 0, []
@@ -220,12 +222,12 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         optimizer = 8 * trainable
 
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
-    per_layer = 7 if len(cfg.target_modules) >= 7 else len(cfg.target_modules)
+    per_layer = len(targets) // L
     attention = choose_attention(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
     policy = RecomputePolicy.from_config(cfg)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
     # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
-    stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in cfg.target_modules
+    stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in leaves
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
     dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
@@ -238,10 +240,10 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         if policy.keep_attention:  # and q, k, v (qtune.engine.block.attention): counted there, not again in the layer's internals
             layer_inputs += L * b * t * qkv_width(config) * c
             saved -= b * t * qkv_width(config) * c
-            own = cfg.method == "qdora" and {"q_proj", "k_proj", "v_proj"} <= set(cfg.target_modules)
+            own = cfg.method == "qdora" and {"q_proj", "k_proj", "v_proj"} <= leaves
             # and the attention's output (o_proj's), no internal: a DoRA
             # o_proj keeps its product u instead, the same bytes
-            if not own or "o_proj" in cfg.target_modules:
+            if not own or "o_proj" in leaves:
                 layer_inputs += L * b * t * config.hidden_size * c
                 if own:  # counted in dora_out's products above: kept now, not recomputed
                     saved -= b * t * config.hidden_size * c
@@ -275,16 +277,15 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
 
     from transformers import AutoConfig
 
-    from qtune.loader import SUPPORTED_MODEL_TYPES, resolve_model_dir
+    from qtune.architectures import check_config
+    from qtune.loader import resolve_model_dir
 
     if model and Path(model).is_file():
         try:
             config = AutoConfig.from_pretrained(model)
         except (ValueError, OSError) as e:
             raise QtuneError(f"Cannot read {model} as a model config ({e}). Pass a config.json or a model folder.") from None
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise QtuneError(f"Unsupported architecture {config.model_type!r}; qtune supports "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+        check_config(config, model)
         return config
     return load_config(resolve_model_dir(model), trust_remote_code)
 

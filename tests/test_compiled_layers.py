@@ -171,7 +171,7 @@ def test_plan_counts_what_compiled_blocks_keep(tiny_llama, tmp_path, compiled):
     stash = L * 2 * 32 * h * 2  # compiled QDoRA keeps down_proj's u too: L·b·t·h bf16
     kept_o = stash  # QLoRA keeps the attention's output (L·b·t·h bf16), QDoRA o_proj's product u: the same bytes
     assert plan_memory(dora).layer_inputs == plan_memory(plain).layer_inputs + stash
-    dora_no_o = dataclasses.replace(dora, target_modules=[m for m in dora.target_modules if m != "o_proj"])
+    dora_no_o = dataclasses.replace(dora, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     assert plan_memory(dora_no_o).layer_inputs == plan_memory(plain).layer_inputs - kept_o + stash - (
         L * 2 * 32 * 4 * 2)  # and o_proj's h = x·Aᵀ (L·b·t·r) is not there
     kv = config.num_key_value_heads * (h // config.num_attention_heads)

@@ -161,10 +161,13 @@ def test_remote_code_in_a_model_folder_runs_only_with_trust_remote_code(tiny_lla
     assert res.exit_code == 2 and "custom code" in res.output and "Traceback" not in res.output, res.output
     assert not marker.exists()
 
-    # the flag is what allows it (then the architecture is still refused as unsupported)
-    res = run_cli("train", *cli_args(custom, corpus, tmp_path / "o3"), "--trust-remote-code")
+    # the flag is what allows it: the folder's code runs, and its model trains on the generic path
+    res = run_cli("train", *cli_args(custom, corpus, tmp_path / "o3", max_steps=1, save_every=0), "--trust-remote-code")
     assert marker.exists(), res.output
-    assert res.exit_code == 2 and "Unsupported architecture 'customlm'" in res.output
+    assert res.exit_code == 0, res.output
+    execution = [json.loads(line) for line in (tmp_path / "o3" / "metrics.jsonl").read_text().splitlines()
+                 if '"execution"' in line]
+    assert execution and set(execution[0]["reasons"]) == {"generic (architecture customlm)"}, execution
 
 
 def test_a_chat_template_cannot_execute_code(tmp_path):

@@ -9,6 +9,7 @@ from qtune.adapters.base import Adapter
 from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
+from qtune.architectures import linear_names, select_targets
 from qtune.errors import QtuneError
 from quant import QuantLinear
 
@@ -43,10 +44,10 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     layer_cls = adapter_layer_for(method)
     kinds = layer_cls.targets  # the module types the method adapts (linears, or e.g. norms)
     model.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules()
-               if n.rpartition(".")[2] in target_modules and isinstance(m, kinds) and not n.endswith("lm_head")]
+    candidates = linear_names(model, kinds)  # inside the decoder layers: lm_head and the embeddings stay out
+    targets = [(n, model.get_submodule(n)) for n in select_targets(candidates, target_modules)]
     if not targets:
-        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, kinds)})
+        names = sorted({n.rpartition(".")[2] for n in candidates})
         raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(target_modules)}. "
                          f"This model's {layer_cls.target_kind}s are: {', '.join(names)}.")
     too_small = [(n, min(m.in_features, m.out_features)) for n, m in targets

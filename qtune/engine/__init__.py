@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtune.adapters.dora import DoRALinear
-from qtune.engine.block import biases, block_compile_reason, decoder_block, position_embeddings, rms_norm, unsupported_reason
+from qtune.architectures import decoder, head_of
+from qtune.engine.block import (activation, biases, block_compile_reason, decoder_block, embed, final_norm, position_embeddings,
+                                unsupported_reason)
 from qtune.engine.compiled import COMPILED, BlockRunner
 from qtune.engine.fused import STEP_NORMS
 from qtune.engine.linear import route_adapters
@@ -38,36 +40,37 @@ class Engine:
                  checkpointing: bool = True, compile_reason: str | None = None):
         self.model, self.attention, self.policy, self.checkpointing = model, attention, policy, checkpointing
         self.unsupported = unsupported_reason(model)
+        self.head = head_of(model.config)  # the model's own transforms of its logits
+        self._head_weight = None
         self.compile_reason = compile_reason  # why no layer may compile in this run (None: they may)
         self.runner = BlockRunner(context_fn)
         self._warned = False
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The final normed hidden states (b, t, hidden)."""
-        inner = self.model.model
         if self.unsupported is not None:  # transformers' forward; checkpointing is transformers' own
             if torch.is_grad_enabled():
-                self.runner.paths = {i: f"generic ({self.unsupported})" for i in range(len(inner.layers))}
-            return inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # the embedding's weight, not its module: transformers' checkpointing hooks the module so that its
-        # output requires grad, which would only add the first layer's dL/dx (the embeddings are frozen)
-        h = F.embedding(input_ids, inner.embed_tokens.weight)
-        cos, sin = position_embeddings(self.model, h)
+                n = self.model.config.get_text_config().num_hidden_layers
+                self.runner.paths = {i: f"generic ({self.unsupported})" for i in range(n)}
+            return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = embed(self.model, input_ids)
+        rotations = position_embeddings(self.model, h)
         masks = biases(self.model, attention_mask, h.dtype)
-        p = self.policy
-        for i, layer in enumerate(inner.layers):
+        p, act = self.policy, activation(self.model.config)
+        for i, layer in enumerate(self.model.model.layers):
             probe()
             reason = self.compile_reason or block_compile_reason(layer)
+            cos, sin = rotations[i]
             h = self.runner.run(i, decoder_block, (layer, h, cos, sin, masks[i], self.attention, p.keep_attention,
-                                                   p.keep_down), reason, self.checkpointing)
+                                                   p.keep_down, act), reason, self.checkpointing)
             if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
                 h.register_hook(_probe_in_backward)
         probe()
-        return rms_norm(h, inner.norm.weight, float(inner.norm.variance_epsilon))
+        return final_norm(self.model, h)
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(b, t, vocab) logits in the compute dtype (all at once: for scoring, not for training)."""
-        return self.model.lm_head(self.hidden_states(input_ids, attention_mask))
+        return self.head.apply(self.model.get_output_embeddings()(self.hidden_states(input_ids, attention_mask)))
 
     def mean_loss(self, batch: dict) -> torch.Tensor:
         """The mean next-token cross-entropy of a batch from its full fp32 logits, as transformers' own
@@ -80,7 +83,14 @@ class Engine:
              chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
         """(sum of next-token cross-entropy over labelled tokens, their count)."""
         hidden = self.hidden_states(input_ids, attention_mask)
-        return token_loss(hidden, self.model.lm_head.weight, labels, chunk_tokens)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is None:
+            return token_loss(hidden, head.weight, labels, chunk_tokens, self.head.scale, self.head.softcap)
+        # a head with a bias (Phi-2): h·Wᵀ + b = [h, 1]·[W, b]ᵀ, the frozen [W, b] made once
+        if self._head_weight is None:
+            self._head_weight = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
+        hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
+        return token_loss(hidden, self._head_weight, labels, chunk_tokens, self.head.scale, self.head.softcap)
 
     @contextlib.contextmanager
     def parameters_fixed(self):

@@ -21,6 +21,8 @@ def choose_attention(config, batch: int, seq: int, checkpointing: bool, compute_
                      device: str = "cpu") -> str:
     """'eager' on the CPU with checkpointing (one layer's scores alive at a time) while they stay under
     EAGER_ATTENTION_BYTES; 'sdpa' otherwise (and on CUDA, where its flash kernels win everywhere)."""
+    if config.model_type == "gemma2" and getattr(config, "attn_logit_softcapping", None) is not None:
+        return "eager"  # sdpa cannot soft-cap the scores
     if device != "cpu" or not checkpointing:
         return "sdpa"
     return "eager" if eager_scores_bytes(config, batch, seq, compute_dtype) <= EAGER_ATTENTION_BYTES else "sdpa"
@@ -46,15 +48,19 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype, window: int
 
 
 @maybe_compile
-def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """softmax(scores·scaling + mask) in fp32, returned in the scores' dtype."""
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                    softcap: float | None = None) -> torch.Tensor:
+    """softmax(scores·scaling + mask) in fp32, returned in the scores' dtype; with Gemma-2's soft-capping,
+    softmax(c·tanh(scores·scaling / c) + mask)."""
     z = scores.float() * scaling
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
     if mask is not None:
         z = z + mask.float()
     return torch.softmax(z, dim=-1).to(scores.dtype)
 
 
-def eager_attention(query, key, value, bias, scaling: float) -> torch.Tensor:
+def eager_attention(query, key, value, bias, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """(b, heads, t, d) q and (b, kv_heads, t, d) k, v, bias (b, 1, t, t) -> (b, t, heads, d), causal."""
     b, heads, t, d = query.shape
     kv_heads = key.shape[1]
@@ -67,15 +73,17 @@ def eager_attention(query, key, value, bias, scaling: float) -> torch.Tensor:
         scores = torch.matmul(rows, key[:, :, :stop].transpose(2, 3))      # (b, kv, g·rows, keys ≤ stop)
         scores = scores.view(b, kv_heads, g, stop - start, stop)
         mask = bias[:, :, None, start:stop, :stop].contiguous()          # (b, 1, 1, rows, keys)
-        probs = _masked_softmax(scores, mask, float(scaling)).view(b, kv_heads, g * (stop - start), stop)
+        probs = _masked_softmax(scores, mask, float(scaling), softcap).view(b, kv_heads, g * (stop - start), stop)
         out = torch.matmul(probs, value[:, :, :stop]).view(b, kv_heads, g, stop - start, d)
         outs.append(out.permute(0, 3, 1, 2, 4))                          # (b, rows, kv, g, d)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
     return out.reshape(b, t, heads, d)
 
 
-def sdpa_attention(query, key, value, bias, scaling: float) -> torch.Tensor:
-    """The same through torch's fused kernel: (b, heads, t, d) -> (b, t, heads, d)."""
+def sdpa_attention(query, key, value, bias, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """The same through torch's fused kernel: (b, heads, t, d) -> (b, t, heads, d) (no soft-capping:
+    the block runs eager_attention where the model soft-caps its scores)."""
+    assert softcap is None, "sdpa cannot soft-cap attention scores"
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype), scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)

@@ -1,13 +1,20 @@
-"""qtune's own decoder block for the Llama family (llama, mistral, qwen2, qwen3), over the model's own
-weights: written here as plainly as nanoGPT's, so that no change in how transformers wraps its layers
-(the kernels hub, decorators, checkpointing wrappers) can change what qtune runs or compiles.
+"""qtune's own decoder block for the main families (llama, mistral, qwen2, qwen3, phi3, gemma2,
+gemma3_text), over the model's own weights: written here as plainly as nanoGPT's, so that no change in
+how transformers wraps its layers (the kernels hub, decorators, checkpointing wrappers) can change what
+qtune runs or compiles.
 
     x = x + o_proj(attention(rotary(q_proj(n₁(x))), rotary(k_proj(n₁(x))), v_proj(n₁(x))))
-    x = x + down_proj(silu(gate_proj(n₂(x))) ⊙ up_proj(n₂(x)))
+    x = x + down_proj(act(gate_proj(n₂(x))) ⊙ up_proj(n₂(x)))
 
-n = RMSNorm; Qwen3 also normalises each head of q and k (QK-norm) before the rotary embedding; Qwen2's
-q/k/v biases live in those linears; Mistral's sliding window is in the mask. Tested against
-transformers' own layers and model in fp32 (tests/test_block.py)."""
+n = RMSNorm (w·x̂; Gemma's (1 + w)·x̂, in fp32); act = silu (gelu-tanh for Gemma).
+- Qwen3 and Gemma-3 normalise each head of q and k (QK-norm) before the rotary embedding; Qwen2's
+  q/k/v biases live in those linears; sliding windows (Mistral, Gemma's local layers) are in the masks.
+- Phi-3: q/k/v are one linear (qkv_proj) and gate/up one (gate_up_proj), each adapted as one; its
+  partial rotary embedding rotates the first dimensions of each head only.
+- Gemma-2/3 ("sandwich" norms): x = x + n₂(attention(n₁(x))); x = x + n₄(mlp(n₃(x))); Gemma-2 soft-caps
+  the attention scores (c·tanh(s/c)); the embeddings are scaled by √hidden; Gemma-3's local layers have
+  their own RoPE base. (Its final-logit soft-capping is the head's: qtune.architectures.Head.)
+Tested against transformers' own layers and model in fp32 (tests/test_block.py, tests/test_architectures.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +29,13 @@ from qtune.engine.compiled import maybe_compile
 from qtune.engine.ops import keep
 from quant import QuantLinear
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config's name -> the block's
+
+
+def activation(config) -> str:
+    """The MLP's activation as the block names it (Gemma's config calls it hidden_activation)."""
+    return ACTIVATIONS.get(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu"), "?")
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -30,15 +43,24 @@ def unsupported_reason(model: nn.Module) -> str | None:
     config = model.config
     if config.model_type not in FAMILIES:
         return f"architecture {config.model_type}"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"activation {config.hidden_act}"
-    if getattr(config, "attention_dropout", 0.0):
-        return "attention dropout"
+    if activation(config) == "?":
+        return f"activation {getattr(config, 'hidden_activation', None) or config.hidden_act}"
+    if any(getattr(config, k, 0.0) for k in ("attention_dropout", "resid_pdrop", "embd_pdrop")):
+        return "dropout in the model"
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention"
     layer = model.model.layers[0]
-    norms = [layer.input_layernorm, layer.post_attention_layernorm, model.model.norm]
-    if not all(hasattr(n, "variance_epsilon") and isinstance(n.weight, torch.Tensor) for n in norms):
+    names = ["input_layernorm", "post_attention_layernorm"] + (
+        ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if config.model_type.startswith("gemma") else [])
+    norms = [getattr(layer, n, None) for n in names] + [model.model.norm]
+    if not all(_eps(n) is not None and isinstance(n.weight, torch.Tensor) for n in norms):
         return "norm layout"
     return None
+
+
+def _eps(norm: nn.Module | None) -> float | None:
+    eps = getattr(norm, "variance_epsilon", None)
+    return getattr(norm, "eps", None) if eps is None else eps
 
 
 def layer_windows(config) -> list[int | None]:
@@ -58,43 +80,79 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @maybe_compile
+def rms_norm_1p(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(1 + w) · (x / √(mean(x²) + eps)) all in fp32, cast back at the end (as Gemma's RMSNorm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
+
+
+@maybe_compile
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
 @maybe_compile
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+ACT_MUL = {"silu": silu_mul, "gelu_tanh": gelu_tanh_mul}
+
+
+@maybe_compile
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """x·cos + rotate_half(x)·sin for (b, t, heads, d) q and k, returned as contiguous (b, heads, t, d);
-    rotate_half(x) = [−x₂, x₁] over the halves of the last dimension."""
-    cos, sin = cos[:, :, None], sin[:, :, None]                       # (b, t, 1, d)
+    rotate_half(x) = [−x₂, x₁] over the halves of the rotated dimensions. A partial rotary embedding
+    (cos narrower than d, Phi-3's partial_rotary_factor) rotates the first dimensions and passes the rest."""
+    cos, sin = cos[:, :, None], sin[:, :, None]                       # (b, t, 1, r)
+    r = cos.shape[-1]
 
     def rotate(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).transpose(1, 2).contiguous()
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+        if x_pass.shape[-1]:
+            out = torch.cat((out, x_pass), dim=-1)
+        return out.transpose(1, 2).contiguous()
 
     return rotate(q), rotate(k)
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return rms_norm(x, module.weight, float(module.variance_epsilon))
+    if hasattr(module, "variance_epsilon"):  # Llama's RMSNorm: w · x̂ (x̂ cast first)
+        return rms_norm(x, module.weight, float(module.variance_epsilon))
+    return rms_norm_1p(x, module.weight, float(module.eps))  # Gemma's: (1 + w) · x̂ in fp32
+
+
+def _softcap(attn: nn.Module) -> float | None:
+    """Gemma-2's attention-score soft-capping (Gemma-3's config has the field, but its layers ignore it)."""
+    cap = getattr(attn, "attn_logit_softcapping", None) if attn.config.model_type == "gemma2" else None
+    return None if cap is None else float(cap)
 
 
 def attention(attn: nn.Module, x, cos, sin, bias, kernel: str, keep_attention: bool) -> torch.Tensor:
     """The attention sub-block: (b, t, hidden) -> (b, t, hidden)."""
     b, t, _ = x.shape
     d = attn.head_dim
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    own = all(L.keeps_own_product(p) for p in projections)           # DoRA keeps its products u
-    q, k, v = L.group(projections, x, keep_output=keep_attention and own)
-    q, k, v = q.view(b, t, -1, d), k.view(b, t, -1, d), v.view(b, t, -1, d).transpose(1, 2)
-    if hasattr(attn, "q_norm"):                                       # Qwen3's QK-norm, per head
+    if hasattr(attn, "qkv_proj"):                                     # Phi-3: one linear, [q; k; v]
+        own = L.keeps_own_product(attn.qkv_proj)
+        qkv = L.linear(attn.qkv_proj, x, keep_output=keep_attention and own)
+        kv = attn.num_key_value_heads * d
+        q, k, v = qkv.split([qkv.shape[-1] - 2 * kv, kv, kv], dim=-1)
+    else:
+        projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+        own = all(L.keeps_own_product(p) for p in projections)       # DoRA keeps its products u
+        q, k, v = L.group(projections, x, keep_output=keep_attention and own)
+    q, k, v = q.view(b, t, -1, d), k.view(b, t, -1, d), v.reshape(b, t, -1, d).transpose(1, 2)
+    if hasattr(attn, "q_norm"):                                       # Qwen3's / Gemma-3's QK-norm, per head
         q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
     q, k = rotary(q, k, cos, sin)                                     # (b, heads, t, d)
     kept = keep_attention and not own and torch.compiler.is_compiling()
     if kept:  # the recomputation then skips q/k/v's GEMMs and the rotary kernel
         q, k, v = keep(q), keep(k), keep(v)
-    kernel_fn = eager_attention if kernel == "eager" else sdpa_attention
-    o = kernel_fn(q, k, v, bias, attn.scaling).reshape(b, t, -1)
+    softcap = _softcap(attn)
+    kernel_fn = eager_attention if kernel == "eager" or softcap is not None else sdpa_attention
+    o = kernel_fn(q, k, v, bias, attn.scaling, softcap).reshape(b, t, -1)
     keep_o = keep_attention and L.keeps_own_product(attn.o_proj)
     out = L.linear(attn.o_proj, o, keep_output=keep_o)
     if keep_attention and not keep_o and torch.compiler.is_compiling():
@@ -102,16 +160,25 @@ def attention(attn: nn.Module, x, cos, sin, bias, kernel: str, keep_attention: b
     return out
 
 
-def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool) -> torch.Tensor:
-    gate, up = L.group([module.gate_proj, module.up_proj], x)
-    return L.linear(module.down_proj, silu_mul(gate, up), keep_output=keep_down, sum_only=True)
+def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool, act: str = "silu", sum_only: bool = True) -> torch.Tensor:
+    """sum_only: the output only feeds the residual sum (not a norm), so a recomputation may skip its base GEMM."""
+    if hasattr(module, "gate_up_proj"):                               # Phi-3: one linear, [gate; up]
+        gate, up = L.linear(module.gate_up_proj, x).chunk(2, dim=-1)
+    else:
+        gate, up = L.group([module.gate_proj, module.up_proj], x)
+    return L.linear(module.down_proj, ACT_MUL[act](gate, up), keep_output=keep_down, sum_only=sum_only)
 
 
 def decoder_block(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                  kernel: str, keep_attention: bool, keep_down: bool) -> torch.Tensor:
+                  kernel: str, keep_attention: bool, keep_down: bool, act: str = "silu") -> torch.Tensor:
     """One decoder layer: (b, t, hidden) -> (b, t, hidden)."""
-    h = h + attention(layer.self_attn, _norm(layer.input_layernorm, h), cos, sin, bias, kernel, keep_attention)
-    return h + mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), keep_down)
+    a = attention(layer.self_attn, _norm(layer.input_layernorm, h), cos, sin, bias, kernel, keep_attention)
+    if hasattr(layer, "pre_feedforward_layernorm"):                   # Gemma's sandwich: norms after, too
+        h = h + _norm(layer.post_attention_layernorm, a)
+        m = mlp(layer.mlp, _norm(layer.pre_feedforward_layernorm, h), keep_down, act, sum_only=False)
+        return h + _norm(layer.post_feedforward_layernorm, m)
+    h = h + a
+    return h + mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), keep_down, act)
 
 
 def block_compile_reason(layer: nn.Module) -> str | None:
@@ -128,10 +195,32 @@ def block_compile_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def position_embeddings(model: nn.Module, h: torch.Tensor):
-    """(cos, sin) (b, t, head_dim) for positions 0..t-1, from the model's own rotary module (its scaling)."""
+def position_embeddings(model: nn.Module, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (cos, sin) (b, t, rotary dims) for positions 0..t-1, from the model's own rotary module
+    (its scaling; Gemma-3's per layer type, local and global, with their two bases)."""
+    import inspect
+
     position_ids = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-    return model.model.rotary_emb(h, position_ids)
+    rotary_emb = model.model.rotary_emb
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters:
+        made = {kind: rotary_emb(h, position_ids, kind) for kind in set(types)}
+        return [made[kind] for kind in types]
+    return [rotary_emb(h, position_ids)] * model.config.num_hidden_layers
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings (Gemma's scaled by √hidden, rounded to the weights' dtype as transformers does).
+    The embedding's weight, not its module: transformers' checkpointing hooks the module so that its
+    output requires grad, which would only add the first layer's dL/dx (the embeddings are frozen)."""
+    module = model.model.embed_tokens
+    h = F.embedding(input_ids, module.weight)
+    scale = getattr(module, "embed_scale", None)
+    return h if scale is None else h * scale.to(h.dtype)
+
+
+def final_norm(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return _norm(model.model.norm, h)
 
 
 def biases(model: nn.Module, attention_mask: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:

@@ -18,26 +18,34 @@ IGNORE_INDEX = -100
 
 
 def token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-               chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+               chunk_tokens: int | None = None, scale: float = 1.0,
+               softcap: float | None = None) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled tokens, their count) from the final hidden states
-    (b, t, h) and the head's weight (vocab, h): position i predicts token i + 1."""
+    (b, t, h) and the head's weight (vocab, h): position i predicts token i + 1.
+
+    The logits are softcap·tanh(scale·h·Wᵀ / softcap) (qtune.architectures.Head: Granite's and Cohere's
+    scales, Gemma's final soft-capping); the scale is applied to h (the same product)."""
     targets = labels[:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])     # (b·(t-1), h)
     kept = targets != IGNORE_INDEX
     hidden, targets = hidden[kept], targets[kept]             # (n, h), (n,)
-    return ChunkedCrossEntropy.apply(hidden, head_weight, targets, chunk_tokens), int(targets.numel())
+    if scale != 1.0:
+        hidden = hidden * scale
+    return ChunkedCrossEntropy.apply(hidden, head_weight, targets, chunk_tokens, softcap), int(targets.numel())
 
 
 CE_CHUNK_BYTES = 64 * 2**20
 CE_BYTES_PER_LOGIT = 6  # eager chunk: the head's bf16 output (2) and its fp32 copy (4), alive together for a moment
+CE_SOFTCAP_BYTES_PER_LOGIT = 10  # and with soft-capping, the fp32 slope 1 − tanh² kept for the gradient
 CE_VOCAB_BLOCK = 4096   # compiled path: logits formed for this many vocabulary entries at a time
 CE_BLOCK_BYTES_PER_LOGIT = 4  # compiled path: a block's bf16 head output and its bf16 exp, alive together
 CE_BLOCK_BYTES_PER_ROW_HIDDEN = 10  # and per row and hidden unit: the block's e·W (bf16) and the fp32 sum, twice
 
 
-def ce_chunk_tokens(vocab: int) -> int:
+def ce_chunk_tokens(vocab: int, softcap: bool = False) -> int:
     """Positions per eager cross-entropy chunk so that one chunk's logits take ~64 MiB."""
-    return max(32, min(4096, CE_CHUNK_BYTES // (vocab * CE_BYTES_PER_LOGIT)))
+    per_logit = CE_SOFTCAP_BYTES_PER_LOGIT if softcap else CE_BYTES_PER_LOGIT
+    return max(32, min(4096, CE_CHUNK_BYTES // (vocab * per_logit)))
 
 
 def ce_block_rows(vocab: int, hidden: int) -> int:
@@ -112,17 +120,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     vocabulary in blocks (_blocked_loss_and_grad: an online softmax, compiled kernels; chunks of
     ce_block_rows positions); otherwise (chunks of ce_chunk_tokens positions) the softmax is
     computed in place, keeping the chunk at ~6 bytes per logit. `chunk`: positions per chunk
-    (None: the path's default).
+    (None: the path's default). softcap (Gemma's final soft-capping): z' = c·tanh(z/c) in fp32, whose
+    gradient scales (p − onehot(y)) by 1 − (z'/c)²; it runs the chunks over the whole vocabulary.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int | None = None) -> torch.Tensor:
+                chunk: int | None = None, softcap: float | None = None) -> torch.Tensor:
         need_grad = hidden.requires_grad
         grad_hidden = torch.empty_like(hidden) if need_grad else None  # (n, h)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        blocked = compile_enabled()
-        chunk = chunk or (ce_block_rows(weight.shape[0], weight.shape[1]) if blocked else ce_chunk_tokens(weight.shape[0]))
+        blocked = compile_enabled() and softcap is None
+        chunk = chunk or (ce_block_rows(weight.shape[0], weight.shape[1]) if blocked else ce_chunk_tokens(weight.shape[0], softcap is not None))
         for i in range(0, targets.numel(), chunk):
             h, y = hidden[i:i + chunk], targets[i:i + chunk]
             if blocked:
@@ -135,11 +144,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             logits = head.float()                                 # (c, V) fp32
             probe()  # the chunk's peak: both copies alive
             del head
+            if softcap is not None:
+                logits = logits.div_(softcap).tanh_()             # t = tanh(z/c); the logits are c·t
+                slope = 1.0 - logits * logits if need_grad else None
+                logits.mul_(softcap)
             lse = torch.logsumexp(logits, dim=-1)                 # (c,)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if need_grad:
                 probs = logits.sub_(lse[:, None]).exp_()          # softmax, in place of the logits
                 probs[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                if softcap is not None:
+                    probs.mul_(slope)
+                    del slope
                 probe()
                 grad_hidden[i:i + chunk] = probs.to(h.dtype) @ weight  # (c, V) @ (V, h)
             else:
@@ -150,4 +166,4 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
