@@ -18,6 +18,8 @@ Examples:
   qtune export --run runs/llama --output merged/
   qtune export --run runs/llama --output adapter/ --format peft
   qtune generate --run runs/llama --prompt "Tell me about the sea"
+  qtune eval --run runs/llama --data held_out.jsonl    # loss and perplexity of the run
+  qtune eval --model merged/ --data held_out.jsonl     # the same of its merged export
 """
 
 
@@ -208,6 +210,30 @@ def export(run_dir, output, fmt, dtype, checkpoint, debug):
         out = (export_merged(run_dir, output, dtype, checkpoint) if fmt == "merged"
                else export_peft(run_dir, output, checkpoint))
         click.echo(f"qtune: wrote {out}")
+
+    _run(go, debug)
+
+
+@main.command("eval")
+@click.option("--run", "run_dir", type=click.Path(), default=None, help="Run folder (adapter from its last checkpoint).")
+@click.option("--model", default=None, help="A model folder (e.g. a merged export) or hub id.")
+@click.option("--data", required=True, type=click.Path(), help="The data to score, whole (.jsonl/.txt file or folder).")
+@click.option("--seq-len", type=int, default=None, help="Window length (default: the run's, or 256).")
+@click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default=None,
+              help="Default: the run's (auto for a model folder).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, perplexity, tokens.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks.")
+def eval_command(run_dir, model, data, seq_len, compute_dtype, batch_size, as_json, debug):
+    """Held-out loss and perplexity of a run (quantized base + adapter) or of a model folder, on the same blocks."""
+
+    def go():
+        import json
+
+        from qtune.evaluate import evaluate_file
+
+        result = evaluate_file(data, run_dir, model, seq_len, compute_dtype, batch_size, progress=not as_json)
+        click.echo(json.dumps(result.to_json()) if as_json else f"qtune: {result}")
 
     _run(go, debug)
 

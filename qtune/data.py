@@ -110,6 +110,18 @@ def load_splits(data, eval_data, tokenizer, seq_len: int, *, eval_fraction: floa
     return train, eval_, stats
 
 
+def load_blocks(path, tokenizer, seq_len: int) -> tuple[TokenBlocks, DataStats]:
+    """A whole dataset file (or folder) as packed rows, nothing held out: what `qtune eval` scores."""
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise QtuneError(f"The sequence length must be a positive integer, got {seq_len!r}. Pass --seq-len 256 or similar.")
+    stats = DataStats()
+    examples = _load_examples(path, tokenizer, seq_len, stats, skip_bad_rows=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    blocks = pack_examples(examples, seq_len, pad_id)
+    stats.eval_rows, stats.eval_tokens, stats.eval_label_tokens = len(blocks), int(blocks.attention_mask.sum()), blocks.label_tokens()
+    return blocks, stats
+
+
 def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> TokenBlocks:
     """Greedy first-fit packing, in order: each example goes into the first open row with room for it.
 

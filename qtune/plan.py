@@ -39,14 +39,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from qtune.architectures import head_of
 from qtune.config import TrainConfig
 from qtune.errors import QtuneError
 from qtune.precision import resolve_compute_dtype
 from qtune.engine import compiled as qcompile
 from qtune.engine.recompute import RecomputePolicy
 from qtune.engine.attention import choose_attention
-from qtune.engine.loss import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT, CE_VOCAB_BLOCK,
-                               ce_block_rows, ce_chunk_tokens)
+from qtune.engine.loss import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT,
+                               CE_SOFTCAP_BYTES_PER_LOGIT, CE_VOCAB_BLOCK, ce_block_rows, ce_chunk_tokens)
 from qtune.model import compiles_layers
 from quant import QuantLinear
 
@@ -133,7 +134,8 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     h, i = config.hidden_size, config.intermediate_size
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d = getattr(config, "head_dim", None) or h // nh
-    per_token = (2 * (4 + c) * h                    # input and post-attention RMSNorm
+    norms = 4 if config.model_type.startswith("gemma") else 2  # Gemma's sandwich: two more per layer
+    per_token = (norms * (4 + c) * h                # input and post-attention RMSNorm (and Gemma's two more)
                  + c * qkv_width(config)            # q, k, v (after rotary)
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
@@ -174,6 +176,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
     from qtune.adapters import ADAPTER_LAYERS
     from qtune.architectures import select_targets
+    from qtune.engine.block import unsupported_reason
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
 
     if cfg.method not in ADAPTER_LAYERS:
@@ -184,6 +187,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     c = DTYPE_BYTES[cfg.compute_dtype]
     skeleton = build_skeleton(config, torch.bfloat16 if c == 2 else torch.float32, trust_remote_code=cfg.trust_remote_code)
     linears = {n: m for n, m in skeleton.named_modules() if n in set(quantized_linear_names(skeleton))}
+    # qtune's own blocks may compile; the generic path (transformers' forward) never does
+    compiled = compiles_layers(cfg, device) and unsupported_reason(skeleton) is None
 
     base, largest_linear = 0, 0
     streamed = cfg.offload == "disk" or (cfg.offload == "cpu" and device == "cuda")
@@ -235,7 +240,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
                                              extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
     # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
-    if cfg.gradient_checkpointing and compiles_layers(cfg, device):  # and each adapter's h = x·Aᵀ (lora_down)
+    if cfg.gradient_checkpointing and compiled:  # and each adapter's h = x·Aᵀ (lora_down)
         layer_inputs += L * b * t * cfg.rank * per_layer * c
         if policy.keep_attention:  # and q, k, v (qtune.engine.block.attention): counted there, not again in the layer's internals
             layer_inputs += L * b * t * qkv_width(config) * c
@@ -251,16 +256,17 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
     vocab, hidden = config.vocab_size, config.hidden_size
-    if cfg.compile and qcompile.env_enabled():  # one vocabulary block's logits and the chunk's sums (qtune.engine.loss)
+    softcap = head_of(config).softcap is not None  # Gemma's soft-capped logits: full-vocabulary chunks, and the slope
+    if cfg.compile and qcompile.env_enabled() and not softcap:  # one vocabulary block's logits and the chunk's sums
         chunk = min(ce_block_rows(vocab, hidden), b * t)
         logits = chunk * (min(vocab, CE_VOCAB_BLOCK) * CE_BLOCK_BYTES_PER_LOGIT + hidden * CE_BLOCK_BYTES_PER_ROW_HIDDEN)
     else:  # one chunk's full-vocabulary logits
-        logits = min(ce_chunk_tokens(vocab), b * t) * vocab * CE_BYTES_PER_LOGIT
+        logits = min(ce_chunk_tokens(vocab, softcap), b * t) * vocab * (CE_SOFTCAP_BYTES_PER_LOGIT if softcap else CE_BYTES_PER_LOGIT)
     logits += 2 * b * t * hidden * c  # and the final hidden states and their gradient (n, h)
     sizes = [m.in_features * m.out_features for m in linears.values()]
     if cfg.bits == 16:
         dequant = 0
-    elif compiles_layers(cfg, device):  # a compiled layer's backward holds all its dequantized weights
+    elif compiled:  # a compiled layer's backward holds all its dequantized weights
         dequant = sum(sizes) // L * c
     else:
         dequant = max(sizes, default=0) * c

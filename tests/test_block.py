@@ -212,7 +212,14 @@ def test_stack_equals_transformers_model(case, kernel):
 # --- a compiled QLoRA model of each family ----------------------------------------------------------
 
 COMPILED_CASES = {"llama": ("llama", {}), "mistral": ("mistral", dict(sliding_window=8)), "qwen2": ("qwen2", {}),
-                  "qwen3": ("qwen3", dict(head_dim=32))}
+                  "qwen3": ("qwen3", dict(head_dim=32)),
+                  "phi3": ("phi3", dict(sliding_window=8, partial_rotary_factor=0.5)),
+                  # and the final logits soft-capped at a value tiny logits reach (the head's transform)
+                  "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                            sliding_window=8, final_logit_softcapping=0.5)),
+                  "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+                                                 final_logit_softcapping=0.5,
+                                                 layer_types=["sliding_attention", "full_attention"]))}
 
 
 def write_family_model(folder, case: str, seed: int = 0):
@@ -233,8 +240,8 @@ def write_family_model(folder, case: str, seed: int = 0):
 def test_compiled_block_equals_transformers_forward(case, tmp_path, compiled):
     """qtune's training build (QLoRA, NF4, fp32 compute, checkpointing): every layer one compiled graph,
     and causal_lm_loss's summed loss and adapter gradients equal the model's own transformers forward
-    (the adapters' reference forwards, transformers' masks), right padding, 32 tokens (Mistral's
-    window 8)."""
+    (the adapters' reference forwards, transformers' masks), right padding, 32 tokens (Mistral's, Phi-3's
+    and Gemma's windows 8; Gemma's final soft-capping in qtune's chunked loss)."""
     from qtune.config import TrainConfig
     from qtune.engine import causal_lm_loss
     from qtune.model import build_model

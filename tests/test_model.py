@@ -29,6 +29,39 @@ def test_chunked_cross_entropy_equals_full_logits(dtype, chunk):
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("compiled_loss", [False, True])  # the blocked (compiled) loss hands soft-capping to the chunks
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_softcapped_and_scaled_head_equal_the_naive_equation(chunk, compiled_loss, monkeypatch):
+    """token_loss with the model's own head transforms (qtune.architectures.Head: Gemma's final soft-capping
+    c·tanh(z/c), Granite's 1/logits_scaling) against the equation written here on the full fp32 logits."""
+    import qtune.engine.compiled as qc
+    from qtune.architectures import Head
+    from qtune.engine.loss import token_loss
+
+    monkeypatch.setattr(qc, "_enabled", compiled_loss)
+    torch.manual_seed(0)
+    b, t, h, vocab = 2, 20, 16, 300
+    hidden = torch.randn(b, t, h, requires_grad=True)
+    weight = torch.randn(vocab, h) * 0.5  # logits of order 2: soft-capping at 1.5 changes them a lot
+    labels = torch.randint(vocab, (b, t))
+    labels[1, 12:] = -100
+    cap, scale = 1.5, 1 / 4.0
+    loss, n = token_loss(hidden, weight, labels, chunk, scale=scale, softcap=cap)
+    loss.backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    z = (ref_hidden @ weight.T) * scale
+    z = cap * torch.tanh(z / cap)
+    y = labels[:, 1:].reshape(-1)
+    ref = F.cross_entropy(z[:, :-1].reshape(-1, vocab), y, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert n == int((y != -100).sum())
+    torch.testing.assert_close(loss, ref.detach(), **TOL[torch.float32])
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, **TOL[torch.float32])
+    plain, _ = token_loss(hidden.detach(), weight, labels, chunk)  # the transforms matter here
+    assert abs(plain.item() - ref.item()) > 0.05 * ref.item()
+    assert Head(scale, cap).apply(hidden.detach() @ weight.T).sub(z.detach()).abs().max() < 1e-5
+
+
 def test_chunk_size_bounds_the_logits():
     assert ce_chunk_tokens(49152) * 49152 * 6 <= 64 * 2**20
     assert ce_chunk_tokens(10) == 4096 and ce_chunk_tokens(10**9) == 32

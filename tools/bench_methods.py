@@ -6,6 +6,9 @@
     python -m tools.bench_methods --pool tools/results/bench_methods_a.json tools/results/bench_methods_b.json
     git worktree add /tmp/base HEAD~1 && python -m tools.bench_methods --methods qlora --against-tree /tmp/base
                                                        # before/after of a change, each method against itself
+    python -m tools.bench_methods --methods qlora,qdora --generic
+                                                       # the generic path (transformers' forward, QTUNE_GENERIC=1)
+                                                       # against qtune's fused block, on the same Llama
 
 (from the repository root: tools/harness.py is imported as tools.harness.)
 
@@ -43,6 +46,7 @@ from pathlib import Path
 from tools import harness as h
 
 GOALS = {"qdora": 1.15, "qrosa": 1.3}  # step time / our QLoRA's, from the speed issue
+GENERIC_GOAL = 1.5  # the generic path's step / the fused block's, from the Any-model issue
 
 
 def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: dict | None = None) -> dict[str, dict]:
@@ -54,8 +58,8 @@ def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: d
     procs = {}
     try:
         for m in methods:
-            method, tree = trees.get(m, (m, None))
-            procs[m] = h.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree)
+            method, tree, env = trees.get(m, (m, None, None))
+            procs[m] = h.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree, env)
         t0 = time.perf_counter()
 
         def expect(m: str, byte: bytes) -> None:
@@ -166,6 +170,9 @@ def main() -> None:
                     help="one run after the other (QLoRA, then the method) instead of the two in lockstep")
     ap.add_argument("--tag", default="", help="suffix of the result files (bench_methods{TAG}.md/.json)")
     ap.add_argument("--pool", nargs="+", metavar="JSON", help="no run: pool the step pairs of these result files")
+    ap.add_argument("--generic", action="store_true",
+                    help="each method on the generic path (transformers' forward, QTUNE_GENERIC=1) against the same "
+                         "method on qtune's fused block, in lockstep")
     ap.add_argument("--against-tree", metavar="DIR", default=None,
                     help="before/after of a code change: each method against the same method run from DIR, another "
                          "checkout of this repository (e.g. `git worktree add DIR HEAD~1`), in lockstep")
@@ -175,8 +182,8 @@ def main() -> None:
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tree = Path(args.against_tree).resolve() if args.against_tree else None
-    bad = [m for m in methods if m not in h.METHODS or (m == "qlora" and tree is None)]
-    if bad or args.repeats < 1 or args.steps < 1 or args.sequential and tree:
+    bad = [m for m in methods if m not in h.METHODS or (m == "qlora" and tree is None and not args.generic)]
+    if bad or args.repeats < 1 or args.steps < 1 or (args.sequential or args.generic) and tree or args.sequential and args.generic:
         raise SystemExit(f"methods must be of {','.join(m for m in h.METHODS if m != 'qlora' or tree)}; "
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
@@ -193,8 +200,12 @@ def main() -> None:
             row = {}
             for m in methods:
                 if tree:  # the method against itself from the other checkout
-                    pair = lockstep_pair(args, work, (f"{m}@base", m), f"{m}-{rep}", {f"{m}@base": (m, tree)})
+                    pair = lockstep_pair(args, work, (f"{m}@base", m), f"{m}-{rep}", {f"{m}@base": (m, tree, None)})
                     ref, run = pair[f"{m}@base"], pair[m]
+                elif args.generic:  # the method on the generic path against itself on the fused block
+                    pair = lockstep_pair(args, work, (m, f"{m}@generic"), f"{m}-{rep}",
+                                         {f"{m}@generic": (m, None, {"QTUNE_GENERIC": "1"})})
+                    ref, run = pair[m], pair[f"{m}@generic"]
                 elif args.sequential:
                     ref = h.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
                     run = h.run_worker(args, work, "qtune", m, f"{m}-{rep}")
@@ -213,6 +224,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(rounds, methods)
+    if args.generic:
+        for s in summary.values():
+            s["goal"] = GENERIC_GOAL
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_methods{args.tag}"
@@ -222,9 +236,13 @@ def main() -> None:
             "two runs' median steps" if args.sequential else
             "QLoRA and the method in lockstep (step k of one, then of the other, order swapped every step); "
             "the ratio is the median over all step pairs")
+    if args.generic:
+        mode = ("each method on the generic path (transformers' forward, QTUNE_GENERIC=1) and on qtune's fused block "
+                "in lockstep; the \"QLoRA\" columns are the fused block's, the ratio generic / fused")
     if tree:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
-    lines = [f"# qtune methods vs {'another checkout' if tree else 'qtune QLoRA'} ({h.cpu_name()})", "",
+    versus = "another checkout" if tree else "the fused block (generic path)" if args.generic else "qtune QLoRA"
+    lines = [f"# qtune methods vs {versus} ({h.cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",

@@ -301,15 +301,17 @@ def worker_env(tree: Path | None = None) -> dict:
                                                                  if os.environ.get("PYTHONPATH") else []))}
 
 
-def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None):
+def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree: Path | None = None,
+                       env: dict | None = None):
     """A worker under the lockstep gate (workers.LockstepGate): (process, ack pipe, result file, log
     file). The parent writes a line to its stdin to start each step and reads b"r" (loaded) once, then
-    b"d" after each step from the ack pipe. `tree`: run another checkout's code (worker_command)."""
+    b"d" after each step from the ack pipe. `tree`: run another checkout's code (worker_command);
+    `env`: variables added to its environment (e.g. QTUNE_GENERIC=1)."""
     cmd, result, log = worker_command(args, work, side, method, tag, tree)
     ack_r, ack_w = os.pipe()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd + ["--lockstep-ack-fd", str(ack_w)], stdin=subprocess.PIPE, stdout=f,
-                                stderr=subprocess.STDOUT, pass_fds=(ack_w,), env=worker_env(tree))
+                                stderr=subprocess.STDOUT, pass_fds=(ack_w,), env={**worker_env(tree), **(env or {})})
     os.close(ack_w)
     return proc, os.fdopen(ack_r, "rb", buffering=0), result, log
 

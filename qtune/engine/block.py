@@ -30,6 +30,7 @@ from qtune.engine.ops import keep
 from quant import QuantLinear
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GENERIC_ENV = "QTUNE_GENERIC"  # =1: every model runs the generic path (benchmarks of the generic path on a Llama)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # config's name -> the block's
 
 
@@ -40,7 +41,11 @@ def activation(config) -> str:
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why qtune's block cannot run this model (None: it can)."""
+    import os
+
     config = model.config
+    if os.environ.get(GENERIC_ENV) == "1":
+        return f"forced by {GENERIC_ENV}=1"
     if config.model_type not in FAMILIES:
         return f"architecture {config.model_type}"
     if activation(config) == "?":
