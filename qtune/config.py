@@ -15,7 +15,12 @@ import yaml
 from qtune.errors import QtuneError
 
 METHOD_ALIASES = {"lora": "qlora", "dora": "qdora", "pissa": "qpissa", "rosa": "qrosa"}
-METHODS = ("qlora", "qdora", "qpissa", "qrosa")
+METHODS = ("qlora", "qdora", "qpissa", "qrosa",  # the first wave
+           "loha", "lokr", "ia3", "lntuning", "bitfit", "bone", "bat", "adalora", "loradash", "spectral")
+# options that belong to one method: given to another, they are refused (None = not given; the method's default)
+METHOD_OPTIONS = {"lokr_factor": ("lokr",), "rank_init": ("adalora",), "budget_start": ("adalora",),
+                  "budget_end": ("adalora",), "dash_steps": ("loradash",), "dash_directions": ("loradash",),
+                  "spectral_variant": ("spectral",)}
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DEFAULT_TARGETS = ("all-linear",)  # every linear inside the decoder layers (qtune.architectures)
 
@@ -31,7 +36,8 @@ class TrainConfig:
     eval_data: str | None = None
     """Held-out data in the same formats; None = a fixed held-out split of `data`."""
     method: str = "qlora"
-    """Adapter method: qlora | qdora | qpissa | qrosa (aliases lora, dora, pissa, rosa)."""
+    """Adapter method: qlora | qdora | qpissa | qrosa (aliases lora, dora, pissa, rosa) | loha | lokr | ia3 |
+    lntuning | bitfit | bone | bat | adalora | loradash | spectral (qtune.adapters)."""
     bits: int = 4
     """Storage of the frozen base linears: 4 (NF4/FP4), 8 (8-bit block-wise), 16 (not quantized, bf16)."""
     quant_type: str = "nf4"
@@ -60,6 +66,21 @@ class TrainConfig:
     """Fraction of each matrix's entries in RoSA's sparse part."""
     rosa_mask_steps: int = 8
     """Batches of accumulated squared gradients used to choose RoSA's mask."""
+    lokr_factor: int | None = None
+    """LoKr (KronA): ΔW = A ⊗ B, the Kronecker factors' shapes split each dimension by this factor (as PEFT's
+    decompose_factor; default −1: the most balanced split). See qtune.adapters.lokr."""
+    rank_init: int | None = None
+    """AdaLoRA: the rank each layer starts with, before the budget falls to --rank (default 1.5 × rank)."""
+    budget_start: int | None = None
+    """AdaLoRA: the step the rank budget starts to fall (the paper's t_i; default 10% of the run)."""
+    budget_end: int | None = None
+    """AdaLoRA: the step it reaches --rank (the paper's T − t_f; default 70% of the run)."""
+    dash_steps: int | None = None
+    """LoRA-Dash: steps of plain LoRA before the directions are chosen ("pre-launch", default 100)."""
+    dash_directions: int | None = None
+    """LoRA-Dash: directions learned per layer after the switch (default 8)."""
+    spectral_variant: str | None = None
+    """Spectral adapter: additive ([U₁ + A_U] S [V₁ + A_V]ᵀ, the default) or rotate (Cayley-orthogonal R_U, R_V)."""
     rank: int = 16
     """Adapter rank r."""
     alpha: float = 16.0
@@ -132,6 +153,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.method = METHOD_ALIASES.get(self.method, self.method)
+        for name, owners in METHOD_OPTIONS.items():
+            _check(getattr(self, name) is None or self.method in owners,
+                   f"--{name.replace('_', '-')} is an option of --method {'/'.join(owners)}, and this run's method is "
+                   f"{self.method}", f"drop --{name.replace('_', '-')} or use --method {owners[0]}")
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         _check(self.method in METHODS, f"unknown method {self.method!r}", f"use one of {', '.join(METHODS)}")

@@ -66,7 +66,7 @@ def merged_state(model: nn.Module, dtype: torch.dtype):
         if name in adapters:  # the adapter merges its base's tensors (qtune.adapters.base.Adapter.merge)
             base = module.base_layer
             tensors = {"weight": base_weight(base)}
-            if base.bias is not None:
+            if getattr(base, "bias", None) is not None:
                 tensors["bias"] = base.bias.float()
             with torch.no_grad():
                 for leaf, t in module.merge(tensors).items():

@@ -174,7 +174,7 @@ def backward_peak(stored: int, grads: int, layers: int) -> int:
 
 def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
-    from qtune.adapters import ADAPTER_LAYERS
+    from qtune.adapters import ADAPTER_LAYERS, adapter_layer_for, layer_options, target_candidates
     from qtune.architectures import select_targets
     from qtune.engine.block import unsupported_reason
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
@@ -204,15 +204,14 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     if streamed:  # quant.offload: the linear in use and the one being prefetched
         base += 2 * largest_linear
 
-    targets = {n: linears[n] for n in select_targets(list(linears), cfg.target_modules)}
+    layer_cls, options = adapter_layer_for(cfg.method), layer_options(cfg.method, cfg)
+    targets = {n: skeleton.get_submodule(n) for n in layer_cls.select(target_candidates(skeleton, layer_cls), cfg.target_modules)}
     leaves = {n.rpartition(".")[2] for n in targets}
     if not targets:
-        raise QtuneError(f"No linear layer matches --target-modules {','.join(cfg.target_modules)}.")
+        raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(cfg.target_modules)}.")
     trainable, extra_bytes, tensor_sizes = 0, 0, []
     for m in targets.values():
-        sizes = [cfg.rank * m.in_features, m.out_features * cfg.rank]
-        if cfg.method == "qdora":
-            sizes.append(m.out_features)
+        sizes = layer_cls.trainable_sizes(m, cfg.rank, options)
         if cfg.method == "qrosa":
             nnz = math.ceil(cfg.rosa_density * m.in_features * m.out_features)
             sizes.append(nnz)

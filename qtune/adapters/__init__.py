@@ -11,28 +11,52 @@ from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
 from qtune.architectures import linear_names, select_targets
 from qtune.errors import QtuneError
-from quant import QuantLinear
 
-# method name -> the layer that wraps a frozen base linear (qpissa is LoRA with --init pissa)
-ADAPTER_LAYERS: dict[str, type[Adapter]] = {
+# method name -> the layer that wraps a frozen base module (qpissa is LoRA with --init pissa); the second
+# wave's files are imported when their method is used ("module:Class")
+ADAPTER_LAYERS: dict[str, type[Adapter] | str] = {
     "qlora": LoRALinear,
     "qpissa": LoRALinear,
     "qdora": DoRALinear,
     "qrosa": RoSALinear,  # its sparse support is chosen before training (qtune.adapters.rosa_mask)
+    "loha": "qtune.adapters.loha:LoHaLinear",
+    "lokr": "qtune.adapters.lokr:LoKrLinear",
+    "ia3": "qtune.adapters.ia3:IA3Linear",
+    "lntuning": "qtune.adapters.lntuning:LNTuning",
+    "bitfit": "qtune.adapters.bitfit:BitFitLinear",
+    "bone": "qtune.adapters.bone:BoneLinear",
+    "bat": "qtune.adapters.bone:BatLinear",
+    "adalora": "qtune.adapters.adalora:AdaLoRALinear",
+    "loradash": "qtune.adapters.loradash:LoRADashLinear",
+    "spectral": "qtune.adapters.spectral:SpectralLinear",
 }
 
 
 def layer_options(method: str, cfg) -> dict:
-    """Method-specific constructor options of the adapter layer, from the run configuration."""
-    return {"qdora": {"detach_norm": cfg.dora_detach_norm}}.get(method, {})
+    """Method-specific constructor options of the adapter layer, from the run configuration (a method's own
+    defaults where an option was not given)."""
+    return {"qdora": {"detach_norm": cfg.dora_detach_norm},
+            "lokr": {"factor": -1 if cfg.lokr_factor is None else cfg.lokr_factor},
+            "spectral": {"variant": cfg.spectral_variant or "additive"}}.get(method, {})
 
 
 def adapter_layer_for(method: str) -> type[Adapter]:
+    import importlib
+
     try:
-        return ADAPTER_LAYERS[method]
+        layer = ADAPTER_LAYERS[method]
     except KeyError:
         raise QtuneError(f"Method {method!r} is not available in this version of qtune. "
                          f"Use one of: {', '.join(sorted(ADAPTER_LAYERS))}.") from None
+    if isinstance(layer, str):
+        module, _, name = layer.partition(":")
+        try:
+            layer = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise QtuneError(f"Method {method!r} is not available in this version of qtune. Use one of: "
+                             f"qlora, qdora, qpissa, qrosa.") from None
+        ADAPTER_LAYERS[method] = layer
+    return layer
 
 
 def attach_adapters(model: nn.Module, method: str, target_modules: list[str], rank: int, scale: float,
@@ -44,17 +68,13 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     layer_cls = adapter_layer_for(method)
     kinds = layer_cls.targets  # the module types the method adapts (linears, or e.g. norms)
     model.requires_grad_(False)
-    candidates = linear_names(model, kinds)  # inside the decoder layers: lm_head and the embeddings stay out
-    targets = [(n, model.get_submodule(n)) for n in select_targets(candidates, target_modules)]
+    candidates = target_candidates(model, layer_cls)
+    targets = [(n, model.get_submodule(n)) for n in layer_cls.select(candidates, target_modules)]
     if not targets:
         names = sorted({n.rpartition(".")[2] for n in candidates})
         raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(target_modules)}. "
                          f"This model's {layer_cls.target_kind}s are: {', '.join(names)}.")
-    too_small = [(n, min(m.in_features, m.out_features)) for n, m in targets
-                 if isinstance(m, (nn.Linear, QuantLinear)) and rank > min(m.in_features, m.out_features)]
-    if too_small:
-        n, limit = too_small[0]
-        raise QtuneError(f"--rank {rank} is larger than layer {n} allows (at most {limit}). Pass a smaller --rank.")
+    layer_cls.check(model, [n for n, _ in targets], rank, options or {})
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -67,14 +87,30 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     return [n for n, _ in targets]
 
 
+def target_candidates(model: nn.Module, layer_cls: type[Adapter]) -> list[str]:
+    """The modules the method may adapt: its target types inside the decoder layers (lm_head and the embeddings
+    stay out), and for methods of scope "model" (norm tuning) outside them too (the final norm)."""
+    names = linear_names(model, layer_cls.targets)
+    if layer_cls.scope == "model":
+        inside = set(names)
+        names += [n for n, m in model.named_modules() if isinstance(m, layer_cls.targets) and n not in inside
+                  and not n.endswith("lm_head") and "embed" not in n.rpartition(".")[2]]
+    return names
+
+
 def adapter_layers(model: nn.Module) -> dict[str, Adapter]:
     """name -> adapter layer, for every adapter in the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, Adapter)}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors (what a checkpoint stores), by their names in the model."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors and the adapters' training-state buffers (what a checkpoint stores), by their
+    names in the model."""
+    out = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for name, layer in adapter_layers(model).items():
+        for b in layer.checkpoint_buffers:
+            out[f"{name}.{b}"] = getattr(layer, b).detach()
+    return out
 
 
 @torch.no_grad()
@@ -90,6 +126,10 @@ def set_initial_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> N
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
+    for name, layer in adapter_layers(model).items():  # training-state buffers load in place like parameters
+        for b in layer.checkpoint_buffers:
+            params[f"{name}.{b}"] = getattr(layer, b)
+            expected.add(f"{name}.{b}")
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
         raise QtuneError(f"The adapter checkpoint does not fit this model (missing {sorted(missing)[:3]}, "

@@ -27,6 +27,39 @@ class Adapter(nn.Module):
     """The module types the method adapts (attach_adapters matches --target-modules among them):
     linears here; a method that tunes norms or biases names those types."""
     target_kind: ClassVar[str] = "linear layer"
+    scope: ClassVar[str] = "layers"
+    """Where its targets are looked for: "layers" (inside the decoder layers) or "model" (also the final norm)."""
+    checkpoint_buffers: ClassVar[tuple[str, ...]] = ()
+    """Buffers that are training state (e.g. a rank mask, sensitivity averages): saved with the adapter's
+    parameters in every checkpoint, so that a resumed run continues exactly."""
+
+    @classmethod
+    def select(cls, candidates: list[str], target_modules: list[str]) -> list[str]:
+        """The candidates `--target-modules` selects (qtune.architectures.select_targets): every one for
+        all-linear, else those whose last name part is listed. A method whose equation names its modules
+        (IA3: k, v and the MLP's down projection) overrides what all-linear means."""
+        from qtune.architectures import select_targets
+
+        return select_targets(candidates, target_modules)
+
+    @classmethod
+    def trainable_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
+        """The element counts of the trainable tensors it would add to `module` (qtune.plan; works on the
+        meta device). The default is LoRA's A (r, in) and B (out, r)."""
+        return [rank * module.in_features, module.out_features * rank]
+
+    @classmethod
+    def check(cls, model: nn.Module, targets: list[str], rank: int, options: dict) -> None:
+        """Refuse, with a QtuneError naming the problem, a model or targets this method cannot adapt (called at
+        start, before any weight is read: `model` may be the meta skeleton). The default, for low-rank
+        updates of linears: the rank fits every target."""
+        from qtune.errors import QtuneError
+
+        for name in targets:
+            m = model.get_submodule(name)
+            limit = min(m.in_features, m.out_features)
+            if rank > limit:
+                raise QtuneError(f"--rank {rank} is larger than layer {name} allows (at most {limit}). Pass a smaller --rank.")
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors, by their names inside this module (what a checkpoint stores)."""

@@ -30,6 +30,10 @@ class DoRALinear(Adapter):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_magnitude()
 
+    @classmethod
+    def trainable_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
+        return super().trainable_sizes(module, rank, options) + [module.out_features]  # and the magnitude m
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_d = self.dropout(x)
         w = base_weight(self.base_layer)                                  # (out, in) fp32

@@ -124,6 +124,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, Adapter):  # a tuned norm (LN tuning): its reference forward, eagerly
+        return module(x)
     if hasattr(module, "variance_epsilon"):  # Llama's RMSNorm: w · x̂ (x̂ cast first)
         return rms_norm(x, module.weight, float(module.variance_epsilon))
     return rms_norm_1p(x, module.weight, float(module.eps))  # Gemma's: (1 + w) · x̂ in fp32

@@ -11,6 +11,7 @@ import types
 import torch
 from torch import nn
 
+from qtune.adapters.base import Adapter
 from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
@@ -35,6 +36,8 @@ def compiled_form_reason(module: nn.Module) -> str | None:
         module = module.base_layer
         if module._forward_hooks or module._forward_pre_hooks:
             return "hooks"
+    elif isinstance(module, Adapter):  # a method without a fused form: its reference forward, eagerly
+        return f"method {type(module).__name__}"
     if isinstance(module, QuantLinear) and type(module.qweight) is not QuantizedWeight:
         return "offloaded weights"
     return None

@@ -36,7 +36,7 @@ def token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Te
 
 CE_CHUNK_BYTES = 64 * 2**20
 CE_BYTES_PER_LOGIT = 6  # eager chunk: the head's bf16 output (2) and its fp32 copy (4), alive together for a moment
-CE_SOFTCAP_BYTES_PER_LOGIT = 10  # and with soft-capping, the fp32 slope 1 − tanh² kept for the gradient
+CE_SOFTCAP_BYTES_PER_LOGIT = 8  # soft-capping: the fp32 logits and the fp32 slope 1 − tanh² (the head's output freed)
 CE_VOCAB_BLOCK = 4096   # compiled path: logits formed for this many vocabulary entries at a time
 CE_BLOCK_BYTES_PER_LOGIT = 4  # compiled path: a block's bf16 head output and its bf16 exp, alive together
 CE_BLOCK_BYTES_PER_ROW_HIDDEN = 10  # and per row and hidden unit: the block's e·W (bf16) and the fp32 sum, twice
@@ -147,6 +147,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if softcap is not None:
                 logits = logits.div_(softcap).tanh_()             # t = tanh(z/c); the logits are c·t
                 slope = 1.0 - logits * logits if need_grad else None
+                probe()  # the soft-capped chunk's peak: the fp32 logits and the slope
                 logits.mul_(softcap)
             lse = torch.logsumexp(logits, dim=-1)                 # (c,)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
