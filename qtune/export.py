@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from qtune.adapters import adapter_layers, load_adapter_state_dict
+from qtune.adapters import adapter_layer_for, adapter_layers, load_adapter_state_dict
 from qtune.adapters.base import base_weight
 from qtune.adapters.dora import DoRALinear
 from qtune.checkpoint import atomic_folder, complete_checkpoints, load_checkpoint, write_error_reason, write_manifest
@@ -104,6 +104,7 @@ def export_merged(run_dir: Path, out: Path, dtype: str = "float16", checkpoint: 
         config.save_pretrained(tmp)
         cfg_json = json.loads((tmp / "config.json").read_text())
         cfg_json.pop("quantization_config", None)
+        adapter_layer_for(cfg.method).merged_config(cfg_json, adapter_layers(model))  # e.g. BitFit's new biases
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
         _copy_tokenizer(model_dir, tmp)
         (tmp / "qtune_export.json").write_text(json.dumps(
@@ -198,13 +199,29 @@ def export_peft(run_dir: Path, out: Path, checkpoint: Path | None = None, progre
     out = _check_out(out)
     if (run_dir / "run.yaml").is_file():
         cfg = TrainConfig.from_dict(load_run_yaml(run_dir))
-        if cfg.method not in ("qlora", "qpissa", "qdora"):
+        if cfg.method not in ("qlora", "qpissa", "qdora") and adapter_layer_for(cfg.method).peft_type is None:
             raise QtuneError(f"PEFT has no format for method {cfg.method!r}; export it with --format merged "
                              "(a merged fp16 model).")
         if cfg.method == "qdora" and cfg.init != "default":
             raise QtuneError("A DoRA adapter started from PiSSA/LoftQ factors has no PEFT form for the original "
                              "base (the magnitude is relative to the residual). Use --format merged.")
     cfg, model, tokenizer, model_dir, ckpt = load_run(run_dir, checkpoint, progress)
+    if cfg.method not in ("qlora", "qpissa", "qdora"):  # the method's own PEFT form (qtune.adapters.base.Adapter)
+        layers = adapter_layers(model)
+        layer_cls = adapter_layer_for(cfg.method)
+        tensors = {}
+        for name, layer in layers.items():
+            tensors.update(layer.peft_tensors(f"base_model.model.{name}"))
+        adapter_config = {"peft_type": layer_cls.peft_type, "task_type": "CAUSAL_LM", "inference_mode": True,
+                          "base_model_name_or_path": cfg.model or str(model_dir),
+                          **layer_cls.peft_config(cfg, sorted({n.rpartition(".")[2] for n in layers}), layers)}
+        with _writing(out) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
+                      metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+            _copy_tokenizer(model_dir, tmp)
+            write_manifest(tmp)
+        return Path(out)
     factors = initial_factors(run_dir) if cfg.init != "default" else None
     tensors, targets = {}, set()
     for name, layer in adapter_layers(model).items():

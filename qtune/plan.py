@@ -210,8 +210,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     if not targets:
         raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(cfg.target_modules)}.")
     trainable, extra_bytes, tensor_sizes = 0, 0, []
-    for m in targets.values():
-        sizes = layer_cls.trainable_sizes(m, cfg.rank, options)
+    for n, m in targets.items():
+        sizes = layer_cls.trainable_sizes(m, cfg.rank, layer_cls.layer_options(skeleton, n, options))
         if cfg.method == "qrosa":
             nnz = math.ceil(cfg.rosa_density * m.in_features * m.out_features)
             sizes.append(nnz)

@@ -81,7 +81,8 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
         for name, base in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer_cls(base, rank=rank, scale=scale, dropout=dropout, **(options or {})))
+            opts = layer_cls.layer_options(model, name, options or {})
+            setattr(parent, child, layer_cls(base, rank=rank, scale=scale, dropout=dropout, **opts))
     finally:
         torch.random.set_rng_state(gen_state)
     return [n for n, _ in targets]

@@ -43,6 +43,13 @@ class Adapter(nn.Module):
         return select_targets(candidates, target_modules)
 
     @classmethod
+    def layer_options(cls, model: nn.Module, name: str, options: dict) -> dict:
+        """The constructor options of the adapter of module `name`: the run's method options, plus what this
+        layer needs to know of the model (IA3: whether it scales outputs or inputs, and which rows of a fused
+        qkv projection are k and v). Works on the meta skeleton too. The run's options by default."""
+        return options
+
+    @classmethod
     def trainable_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
         """The element counts of the trainable tensors it would add to `module` (qtune.plan; works on the
         meta device). The default is LoRA's A (r, in) and B (out, r)."""
@@ -79,6 +86,24 @@ class Adapter(nn.Module):
         out = dict(base_tensors)
         out["weight"] = self.merged_weight(base_tensors["weight"])
         return out
+
+    # --- PEFT's format and the merged export's config (qtune.export) ---
+    peft_type: ClassVar[str | None] = None
+    """PEFT's name for the method ("LOHA", "LOKR", "IA3", ...), None where PEFT has no format for it."""
+
+    @classmethod
+    def peft_config(cls, cfg, target_leaves: list[str], layers: dict[str, "Adapter"]) -> dict:
+        """adapter_config.json's method-specific keys (target_modules, r, alpha, ...)."""
+        raise NotImplementedError
+
+    def peft_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors under PEFT's names; prefix is "base_model.model.<its name in the model>"."""
+        raise NotImplementedError
+
+    @classmethod
+    def merged_config(cls, config: dict, layers: dict[str, "Adapter"]) -> None:
+        """Edit the merged export's config.json in place where merging changes the architecture (BitFit's
+        new biases set attention_bias / mlp_bias). Nothing by default."""
 
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the training loss (e.g. an orthogonality penalty), or None."""
