@@ -209,6 +209,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     leaves = {n.rpartition(".")[2] for n in targets}
     if not targets:
         raise QtuneError(f"No {layer_cls.target_kind} matches --target-modules {','.join(cfg.target_modules)}.")
+    layer_cls.check(skeleton, list(targets), cfg.rank, options)  # what the run would refuse, the plan refuses
     trainable, extra_bytes, tensor_sizes = 0, 0, []
     for n, m in targets.items():
         sizes = layer_cls.trainable_sizes(m, cfg.rank, layer_cls.layer_options(skeleton, n, options))
@@ -234,7 +235,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in leaves
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
-    dora_out = sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
+    dora_out = (sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
+                if cfg.method == "qdora" else 0)
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
                                              extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
     # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)

@@ -87,3 +87,52 @@ def sdpa_attention(query, key, value, bias, scaling: float, softcap: float | Non
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype), scale=scaling,
                                          enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)
+
+
+# --- the generic path: qtune's eager kernel inside transformers' own attention modules -----------------
+
+TRANSFORMERS_NAME = "qtune_eager"
+# keyword arguments transformers' attention modules pass that the kernel may ignore (the mask holds the
+# window; training has no cache); any other one with a value means an attention this kernel does not do
+_IGNORED = {"sliding_window", "is_causal", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+            "max_length_k", "output_attentions", "use_cache", "cache_position", "past_key_values", "layer_idx"}
+
+
+class UnsupportedAttention(RuntimeError):
+    """An attention module asked for something qtune's eager kernel does not compute."""
+
+
+def transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           softcap=None, **kwargs):
+    """transformers' attention interface (AttentionInterface) over eager_attention, for the generic path:
+    (b, heads, t, d) q, (b, kv heads, t, d) k and v, the additive (b, 1, t, t) mask of transformers'
+    eager mask -> ((b, t, heads, d), None). Anything else (dropout, attention sinks, a KV cache's
+    longer keys) raises UnsupportedAttention, and qtune.model puts the model's own kernel back."""
+    extra = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in _IGNORED)
+    if dropout or extra:
+        raise UnsupportedAttention(f"dropout {dropout}, arguments {extra}")
+    b, _, t, d = query.shape
+    scaling = d ** -0.5 if scaling is None else scaling
+    if key.shape[-2] != t:  # generation with a cache: torch's kernel (the mask is additive there too)
+        if softcap is not None:
+            raise UnsupportedAttention("soft-capped scores with a cache")
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                             is_causal=attention_mask is None and t > 1,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+        return out.transpose(1, 2), None
+    if attention_mask is None:
+        attention_mask = attention_bias(torch.ones(b, t, dtype=torch.long, device=query.device), query.dtype)
+    elif attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return eager_attention(query, key, value, attention_mask[..., :t, :t], float(scaling), softcap), None
+
+
+def register_transformers_attention() -> str:
+    """Register the kernel (and transformers' eager, additive mask for it) under TRANSFORMERS_NAME."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(TRANSFORMERS_NAME, transformers_attention)
+    AttentionMaskInterface.register(TRANSFORMERS_NAME, eager_mask)
+    return TRANSFORMERS_NAME
