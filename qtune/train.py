@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qtune.adapters import adapter_layers, adapter_state_dict, load_adapter_state_dict
+from qtune.adapters import adapter_layer_for, adapter_layers, adapter_state_dict, load_adapter_state_dict
 from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_checkpoints, remove_stale_tmp,
                               save_checkpoint, set_rng_state, unflatten_optimizer_state)
 from qtune.config import TrainConfig
@@ -167,6 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         _truncate_metrics(metrics_path, step)
     elif resume:
         _truncate_metrics(metrics_path, 0)
+    layers = adapter_layers(model)
+    method_cls = adapter_layer_for(cfg.method)
+    method_cls.start_training(layers, total_steps, run_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(metrics_path, {"event": "start", "step": step, "trainable_params": trainable, "total_steps": total_steps,
                         "data": vars(stats), "model_dir": str(model_dir), "device": str(device),
@@ -216,6 +219,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         final = step == total_steps
         if final or (cfg.eval_every and step % cfg.eval_every == 0):
             _log(metrics_path, {"step": step, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches)})
+            reported = method_cls.report(layers)
+            if reported is not None:
+                _log(metrics_path, {"event": "method", "step": step, "method": cfg.method, **reported})
         if final or (cfg.save_every and step % cfg.save_every == 0):
             save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", adapter_state_dict(model), optimizer,
                             {"step": step, "micro_index": micro_index, "total_steps": total_steps}, scheduler)
@@ -235,7 +241,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     Returns {"loss", "lr", "grad_norm", "tokens", "label_tokens"}; used by train() and by tools/."""
     n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
     n_input = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    adapters = list(adapter_layers(model).values())
+    layers = adapter_layers(model)
+    adapters = list(layers.values())
     loss_sum = 0.0
     with engine_of(model).parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once
         for b in micro_batches:
@@ -255,8 +262,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     if math.isfinite(mean):
         optimizer.step()
         scheduler.step()
-        for a in adapters:
-            a.after_optimizer_step(scheduler.last_epoch)
+        for kind in {type(a) for a in adapters}:  # each method's hook, with all its layers
+            kind.after_step({n: a for n, a in layers.items() if type(a) is kind}, scheduler.last_epoch)
     optimizer.zero_grad(set_to_none=True)
     return {"loss": mean, "lr": lr, "grad_norm": grad_norm, "tokens": n_input, "label_tokens": n_labels}
 

@@ -371,3 +371,12 @@ def test_a_lokr_factor_that_does_not_divide_a_layer_is_refused_by_name():
 def test_loha_rank_larger_than_a_layer_is_refused():
     with pytest.raises(QtuneError, match="--rank 65 is larger than layer q_proj allows"):
         attach_adapters(two_linears(), "loha", ["q_proj"], rank=65, scale=1.0)
+
+
+def test_the_plan_refuses_a_lokr_factor_the_run_would_refuse(tiny_llama):
+    from qtune.config import TrainConfig
+    from qtune.plan import plan_memory
+
+    with pytest.raises(QtuneError, match=r"--lokr-factor 5 does not divide layer model\.layers\.0\.self_attn\.q_proj "
+                                         r"of shape \(out 64, in 64\)"):
+        plan_memory(TrainConfig(model=str(tiny_llama), method="lokr", lokr_factor=5, compute_dtype="float32"))

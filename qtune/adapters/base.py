@@ -112,6 +112,25 @@ class Adapter(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. a rank budget or a phase switch); nothing by default."""
 
+    # --- the whole method's hooks (all its layers at once: a global rank budget, a phase switch) ---
+    @classmethod
+    def start_training(cls, layers: dict[str, "Adapter"], total_steps: int, run_dir) -> None:
+        """Called once before the first step of a run (fresh or resumed), after its checkpoint is loaded:
+        the run's length (e.g. AdaLoRA's budget schedule) and folder (where a method writes its own files)."""
+
+    @classmethod
+    def after_step(cls, layers: dict[str, "Adapter"], step: int) -> None:
+        """Called after every optimizer step with all the method's layers (step = steps done). By default,
+        each layer's after_optimizer_step."""
+        for layer in layers.values():
+            layer.after_optimizer_step(step)
+
+    @classmethod
+    def report(cls, layers: dict[str, "Adapter"]) -> dict | None:
+        """What the method reports in metrics.jsonl at each evaluation and at the end (e.g. AdaLoRA's per-layer
+        ranks), or None."""
+        return None
+
     def after_factors_loaded(self) -> None:
         """Called after initial factors (PiSSA, MiLoRA, LoftQ) were copied into the adapter."""
 
