@@ -212,7 +212,9 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     layer_cls.check(skeleton, list(targets), cfg.rank, options)  # what the run would refuse, the plan refuses
     trainable, extra_bytes, tensor_sizes = 0, 0, []
     for n, m in targets.items():
-        sizes = layer_cls.trainable_sizes(m, cfg.rank, layer_cls.layer_options(skeleton, n, options))
+        layer_opts = layer_cls.layer_options(skeleton, n, options)
+        sizes = layer_cls.trainable_sizes(m, cfg.rank, layer_opts)
+        extra_bytes += 4 * sum(layer_cls.state_sizes(m, cfg.rank, layer_opts))  # e.g. AdaLoRA's moving averages
         if cfg.method == "qrosa":
             nnz = math.ceil(cfg.rosa_density * m.in_features * m.out_features)
             sizes.append(nnz)

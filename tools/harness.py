@@ -248,6 +248,9 @@ class QtuneRun:
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.lr_scheduler))
         self.meter = (meter_cls or MemoryMeter)(torch.device("cpu")).attach(decoder_layers(self.model))
         self.steps_done = 0
+        from qtune.adapters import adapter_layer_for, adapter_layers
+
+        adapter_layer_for(cfg.method).start_training(adapter_layers(self.model), total_steps, self.run_dir)  # as qtune.train
         self.model.train()
 
     def step(self, batch: dict) -> dict:

@@ -37,6 +37,8 @@ def layer_options(method: str, cfg) -> dict:
     defaults where an option was not given)."""
     return {"qdora": {"detach_norm": cfg.dora_detach_norm},
             "lokr": {"factor": -1 if cfg.lokr_factor is None else cfg.lokr_factor},
+            "adalora": {"rank_init": cfg.rank_init, "budget_start": cfg.budget_start, "budget_end": cfg.budget_end,
+                        "rslora": cfg.rslora},
             "spectral": {"variant": cfg.spectral_variant or "additive"}}.get(method, {})
 
 

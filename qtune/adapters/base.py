@@ -56,6 +56,12 @@ class Adapter(nn.Module):
         return [rank * module.in_features, module.out_features * rank]
 
     @classmethod
+    def state_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
+        """Element counts of the fp32 training-state buffers it keeps beside its parameters (AdaLoRA's moving
+        averages), for qtune.plan. None by default."""
+        return []
+
+    @classmethod
     def check(cls, model: nn.Module, targets: list[str], rank: int, options: dict) -> None:
         """Refuse, with a QtuneError naming the problem, a model or targets this method cannot adapt (called at
         start, before any weight is read: `model` may be the meta skeleton). The default, for low-rank
