@@ -13,6 +13,7 @@ from qtune.evaluate import evaluate_file
 from qtune.export import export_merged, export_peft, load_run
 from qtune.loader import QuantSpec, load_tokenizer, quantized_cache_path
 from qtune.train import train
+from quant import QuantLinear
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +60,15 @@ def test_method_trains_merges_and_exports_on_smollm2(method, held_out, tmp_path)
     _, ours, *_ = load_run(tmp_path / "run", progress=False, compute_dtype="float32")
     with torch.no_grad():
         want = ours(ids).logits
-    base = AutoModelForCausalLM.from_pretrained(quantized_cache_path(default_model_dir(), QuantSpec(4), torch.float32),
-                                                dtype=torch.float32)
-    if method not in PEFT_ON_4BIT:
-        base = base.dequantize()  # the same dequantized weights, as plain linears
+    if method in PEFT_ON_4BIT:
+        base = AutoModelForCausalLM.from_pretrained(
+            quantized_cache_path(default_model_dir(), QuantSpec(4), torch.float32), dtype=torch.float32)
+    else:  # the same NF4 weights dequantized in fp32, as plain linears (transformers' dequantize() rounds to bf16)
+        base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+        with torch.no_grad():
+            for name, m in ours.named_modules():
+                if isinstance(m, QuantLinear):
+                    base.get_submodule(name.removesuffix(".base_layer")).weight.copy_(m.dequantized_weight(torch.float32))
     peft_model = PeftModel.from_pretrained(base, export_peft(tmp_path / "run", tmp_path / "adapter", progress=False))
     peft_model.train()  # bitsandbytes' CPU eval path repacks weights; train mode (no dropout here) dequantizes as qtune
     with torch.no_grad():

@@ -182,9 +182,10 @@ def main() -> None:
         return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tree = Path(args.against_tree).resolve() if args.against_tree else None
-    bad = [m for m in methods if m not in h.METHODS or (m == "qlora" and tree is None and not args.generic)]
+    known = h.METHODS + h.SECOND_WAVE
+    bad = [m for m in methods if m not in known or (m == "qlora" and tree is None and not args.generic)]
     if bad or args.repeats < 1 or args.steps < 1 or (args.sequential or args.generic) and tree or args.sequential and args.generic:
-        raise SystemExit(f"methods must be of {','.join(m for m in h.METHODS if m != 'qlora' or tree)}; "
+        raise SystemExit(f"methods must be of {','.join(m for m in known if m != 'qlora' or tree)}; "
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
         check_tree(tree)
@@ -217,7 +218,9 @@ def main() -> None:
                 row[m] = {"qlora_s": statistics.median(ref["step_times_s"]),
                           "s": statistics.median(run["step_times_s"]),
                           "qlora_steps": ref["step_times_s"], "steps": run["step_times_s"],
-                          "heldout_after": run["heldout_after"], "qlora_heldout_after": ref["heldout_after"]}
+                          "heldout_after": run["heldout_after"], "qlora_heldout_after": ref["heldout_after"],
+                          "trainable_params": run.get("trainable_params"), "peak_rss_bytes": run.get("peak_rss_bytes"),
+                          "qlora_peak_rss_bytes": ref.get("peak_rss_bytes")}
                 if not args.sequential:
                     row[m]["pair_ratios"] = [t / q for t, q in zip(run["step_times_s"], ref["step_times_s"])]
             rounds.append(row)
@@ -247,8 +250,8 @@ def main() -> None:
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
              "| method | s/step | QLoRA s/step | step ratio, median | bootstrap 95% of the median | per round | "
-             "middle half of the pairs | held-out after (QLoRA) | goal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "middle half of the pairs | held-out after (QLoRA) | trainable params | peak RSS GiB (QLoRA) | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, s in summary.items():
         goal = s["goal"]
         verdict = "" if goal is None or tree else f"≤ {goal}× {'PASS' if s['ratio'] <= goal else 'FAIL'}"
@@ -257,8 +260,14 @@ def main() -> None:
         held = statistics.median(r[m]["heldout_after"] for r in rounds)
         held_q = statistics.median(r[m]["qlora_heldout_after"] for r in rounds)
         interval = "–" if "median_interval" not in s else f"{s['median_interval'][0]:.3f}–{s['median_interval'][1]:.3f}"
+        trainable = rounds[-1][m].get("trainable_params")
+        rss = [r[m].get("peak_rss_bytes") for r in rounds]
+        rss_q = [r[m].get("qlora_peak_rss_bytes") for r in rounds]
+        peak = (f"{max(rss) / 2**30:.2f} ({max(rss_q) / 2**30:.2f})" if all(rss) and all(rss_q) else "–")
+        count = f"{trainable:,}" if trainable else "–"
         lines.append(f"| {m} | {s['s']:.3f} | {s['qlora_s']:.3f} | {s['ratio']:.3f}× | {interval} | "
-                     f"{', '.join(f'{r:.3f}' for r in per_round)} | {spread} | {held:.4f} ({held_q:.4f}) | {verdict} |")
+                     f"{', '.join(f'{r:.3f}' for r in per_round)} | {spread} | {held:.4f} ({held_q:.4f}) | "
+                     f"{count} | {peak} | {verdict} |")
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
     print(text)

@@ -39,7 +39,11 @@ from qtune.memory import peak_rss_bytes  # VmHWM: ru_maxrss would carry over the
 ROOT = Path(__file__).resolve().parents[1]  # this checkout
 WORKER_SCRIPT = Path("tools") / "bench_peft.py"  # every checkout's worker entry point, relative to its root
 
-METHODS = ("qlora", "qdora", "qpissa", "qrosa", "lora16")
+METHODS = ("qlora", "qdora", "qpissa", "qrosa", "lora16")  # the ones bench_peft.py compares with a peer
+# the second wave (tools/bench_methods.py measures them against our QLoRA): each on its own default targets
+# (all-linear, IA3's k/v/down, every norm), at a learning rate that moves it in a few steps
+SECOND_WAVE = ("adalora", "loradash", "spectral", "loha", "lokr", "bone", "bat", "ia3", "lntuning", "bitfit")
+SECOND_WAVE_LR = {"ia3": 3e-2, "lntuning": 1e-2, "bitfit": 1e-2, "bone": 3e-3, "bat": 3e-3}
 PEERLESS = {"qrosa": "qlora"}  # method -> the qtune method it is compared with instead of a peer
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ_LEN, BATCH, RANK, ALPHA, LR, MAX_GRAD_NORM, SEED = 256, 4, 16, 16, 2e-4, 1.0, 0
@@ -208,6 +212,11 @@ def bench_config(method: str, total_steps: int, compute_dtype: str, run_dir: Pat
     """The benchmark's TrainConfig for `method` (lora16: qlora on the 16-bit base)."""
     from qtune.config import TrainConfig
 
+    if method in SECOND_WAVE:
+        own = {"target_modules": ["all-linear"], "lr": SECOND_WAVE_LR.get(method, LR)}
+        if method == "loradash":  # the switch a third of the way in
+            own["dash_steps"] = max(1, total_steps // 3)
+        overrides = {**own, **overrides}
     return TrainConfig(**{**dict(
         method="qlora" if method == "lora16" else method, bits=16 if method == "lora16" else 4, quant_type="nf4",
         double_quant=True, rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=list(TARGETS), seq_len=SEQ_LEN,

@@ -96,7 +96,7 @@ class CountingMeter(MemoryMeter):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="qlora", choices=h.METHODS)
+    ap.add_argument("--method", default="qlora", choices=h.METHODS + h.SECOND_WAVE)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--plays", type=int, default=4)
