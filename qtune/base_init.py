@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qtune.adapters.init import loftq_init, pissa_init, reconstruction_error
+from qtune.adapters.spectral import spectral_factors, spectral_init
 from qtune.architectures import is_target
 from qtune.errors import QtuneError
 from qtune.loader import QuantSpec, load_model, save_quantized
@@ -47,7 +48,13 @@ def load_initialised_base(model_dir: Path, cfg, quant: QuantSpec, compute_dtype:
                              "Pass a smaller --rank.")
         with torch.random.fork_rng():
             torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))  # the randomized SVD's sketch
-            if cfg.init == "loftq":
+            if cfg.method == "spectral":  # U₁, S₁, V₁ go to the adapter; the residual W − U₁S₁V₁ᵀ is the base
+                U1, S1, V1, base = spectral_init(w, cfg.rank, cfg.pissa_niter)
+                factors.update(spectral_factors(name, U1, S1, V1))
+                A, B = S1[:, None] * V1.T, U1  # only for the error report: B·A = U₁S₁V₁ᵀ
+                err_init = (reconstruction_error(w, quantize(base, quant.kind, quant.double_quant), A, B)
+                            if quant.kind else 0.0)
+            elif cfg.init == "loftq":
                 A, B, base, errs = loftq_init(w, cfg.rank, cfg.scale, quant.kind, cfg.loftq_iters, cfg.pissa_niter,
                                               from_pissa=cfg.loftq_start == "pissa", double_quant=quant.double_quant,
                                               compute_dtype=compute_dtype)
@@ -57,7 +64,8 @@ def load_initialised_base(model_dir: Path, cfg, quant: QuantSpec, compute_dtype:
                 err_init = (reconstruction_error(w, quantize(base, quant.kind, quant.double_quant), A, B, cfg.scale)
                             if quant.kind else 0.0)
         err_plain = reconstruction_error(w, quantize(w, quant.kind, quant.double_quant)) if quant.kind else 0.0
-        factors[f"{name}.lora_A"], factors[f"{name}.lora_B"] = A.contiguous(), B.contiguous()
+        if cfg.method != "spectral":
+            factors[f"{name}.lora_A"], factors[f"{name}.lora_B"] = A.contiguous(), B.contiguous()
         errors.append((err_plain, err_init))
         return base
 
@@ -66,9 +74,9 @@ def load_initialised_base(model_dir: Path, cfg, quant: QuantSpec, compute_dtype:
     if errors and quant.kind:
         plain = statistics.mean(e[0] for e in errors)
         init = statistics.mean(e[1] for e in errors)
-        report = {"init": cfg.init, "matrices": len(errors), "base_error_plain": plain, "base_error_init": init,
-                  "relative_change": init / plain - 1}
-        print(f"qtune: {cfg.init} init over {len(errors)} matrices: mean relative {quant.kind} reconstruction "
+        report = {"init": "spectral" if cfg.method == "spectral" else cfg.init, "matrices": len(errors),
+                  "base_error_plain": plain, "base_error_init": init, "relative_change": init / plain - 1}
+        print(f"qtune: {report['init']} init over {len(errors)} matrices: mean relative {quant.kind} reconstruction "
               f"error {plain:.4f} -> {init:.4f} ({init / plain - 1:+.1%})")
     if run_dir is not None:
         save_quantized(model, Path(run_dir) / BASE_DIR, model_dir)

@@ -174,6 +174,11 @@ class TrainConfig:
                "--bits 16 has none", "use --bits 4 or 8 with --offload")
         _check(self.offload == "none" or self.init == "default", f"--offload {self.offload} reads the shared quantized "
                f"cache, and --init {self.init} rewrites the base", "use --init default with --offload")
+        _check(self.method != "spectral" or self.init == "default", f"--method spectral starts from its own split of "
+               f"each weight (top singular vectors + quantized residual), and --init {self.init} is another",
+               "drop --init with --method spectral")
+        _check(self.method != "spectral" or self.offload == "none", f"--offload {self.offload} reads the shared "
+               "quantized cache, and --method spectral rewrites the base (its residual)", "use --offload none")
         _check(self.max_memory >= 0, f"--max-memory must be >= 0 GiB, got {self.max_memory}", "pass e.g. 8 (GiB)")
         _check(self.optim in OPTIMIZERS, f"unknown --optim {self.optim!r}", f"use one of {', '.join(OPTIMIZERS)}")
         _check(self.lr_scheduler in ("cosine", "linear", "constant"), f"unknown --lr-scheduler {self.lr_scheduler!r}",

@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     dtype = DTYPES[compute_dtype]
     factors, report = None, None
     qcompile.set_enabled(cfg.compile and qcompile.env_enabled())
-    if cfg.init == "default":
+    if cfg.init == "default" and cfg.method != "spectral":  # spectral: its base is spectral_init's residual
         model = load_model(model_dir, quant, dtype, cfg.trust_remote_code, progress=progress, offload=cfg.offload)
     else:
         model, factors, report = load_initialised_base(model_dir, cfg, quant, dtype, run_dir, progress)

@@ -132,6 +132,9 @@ def test_loradash_counts_its_trainable_tensors_and_refuses_bad_options():
     layer = LoRADashLinear(make_base("dense", 64, 48), rank=4, scale=1.0, steps=5, directions=6)
     sizes = LoRADashLinear.trainable_sizes(layer.base_layer, 4, {"steps": 5, "directions": 6})
     assert sorted(sizes) == sorted(p.numel() for p in layer.adapter_params().values()) == [6, 4 * 48, 4 * 64]
+    state = LoRADashLinear.state_sizes(layer.base_layer, 4, {"steps": 5, "directions": 6})  # what the plan adds
+    buffers = [b for n, b in layer.named_buffers() if n in ("dash_U", "dash_V", "dash_index")]
+    assert 4 * sum(state) == sum(b.nbytes for b in buffers)
     model = nn.ModuleDict({"a": nn.Linear(64, 96), "b": nn.Linear(96, 40)})
     LoRADashLinear.check(model, ["a", "b"], 4, {"steps": 1, "directions": 40})
     too_many = r"--dash-directions 41 .*layer b has \(at most 40.*Pass a smaller --dash-directions"
@@ -335,6 +338,8 @@ def test_spectral_counts_its_trainable_tensors(variant, sizes):
     layer = SpectralLinear(make_base("dense", 64, 48), rank=4, scale=1.0, variant=variant)
     assert SpectralLinear.trainable_sizes(layer.base_layer, 4, {"variant": variant}) == sizes
     assert [p.numel() for p in layer.adapter_params().values()] == sizes
+    state = SpectralLinear.state_sizes(layer.base_layer, 4, {"variant": variant})  # the frozen U₁, S₁, V₁
+    assert 4 * sum(state) == sum(b.nbytes for n, b in layer.named_buffers() if n.startswith("spectral_"))
 
 
 def test_spectral_refuses_what_it_cannot_run():

@@ -60,9 +60,25 @@ def test_method_trains_merges_and_exports_on_smollm2(method, held_out, tmp_path)
     _, ours, *_ = load_run(tmp_path / "run", progress=False, compute_dtype="float32")
     with torch.no_grad():
         want = ours(ids).logits
-    if method in PEFT_ON_4BIT:
+    if method == "qpissa":  # a LoRA of rank 2r for the ORIGINAL weights: W + s·(B'A' − B₀A₀), not qtune's residual base
+        from qtune.adapters import adapter_layers
+        from qtune.base_init import initial_factors
+
+        base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+        factors = initial_factors(tmp_path / "run")
+        with torch.no_grad():  # the equation, densely
+            for name, layer in adapter_layers(ours).items():
+                start = factors[f"{name}.lora_B"].float() @ factors[f"{name}.lora_A"].float()
+                reference.get_submodule(name).weight += layer.scale * (layer.delta_weight() / layer.scale - start)
+            want = reference(ids).logits
+    elif method in PEFT_ON_4BIT:
         base = AutoModelForCausalLM.from_pretrained(
             quantized_cache_path(default_model_dir(), QuantSpec(4), torch.float32), dtype=torch.float32)
+        for m in base.modules():  # PEFT dequantizes (DoRA's norms) to the quant state's dtype, the checkpoint's bf16;
+            state = getattr(getattr(m, "weight", None), "quant_state", None)  # qtune to fp32: the same, in fp32
+            if state is not None:
+                state.dtype = torch.float32
     else:  # the same NF4 weights dequantized in fp32, as plain linears (transformers' dequantize() rounds to bf16)
         base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
         with torch.no_grad():

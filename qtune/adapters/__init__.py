@@ -39,6 +39,7 @@ def layer_options(method: str, cfg) -> dict:
             "lokr": {"factor": -1 if cfg.lokr_factor is None else cfg.lokr_factor},
             "adalora": {"rank_init": cfg.rank_init, "budget_start": cfg.budget_start, "budget_end": cfg.budget_end,
                         "rslora": cfg.rslora},
+            "loradash": {"steps": cfg.dash_steps or 100, "directions": cfg.dash_directions or 8},
             "spectral": {"variant": cfg.spectral_variant or "additive"}}.get(method, {})
 
 
@@ -118,12 +119,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def set_initial_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
-    """Load PiSSA/MiLoRA/LoftQ factors ("<layer>.lora_A", "<layer>.lora_B") into the adapters; DoRA's
-    magnitude is then re-fitted so that the layer starts at exactly W_res + s·BA."""
+    """Load an initialiser's factors ("<layer>.<tensor>": PiSSA/MiLoRA/LoftQ's lora_A, lora_B; the spectral
+    adapter's spectral_U/S/V) into the adapters (Adapter.load_initial_factors); DoRA's magnitude is then
+    re-fitted so that the layer starts at exactly W_res + s·BA."""
     for name, layer in adapter_layers(model).items():
-        layer.lora_A.copy_(factors[f"{name}.lora_A"])
-        layer.lora_B.copy_(factors[f"{name}.lora_B"])
-        layer.after_factors_loaded()
+        prefix = name + "."
+        layer.load_initial_factors({k[len(prefix):]: v for k, v in factors.items()
+                                    if k.startswith(prefix) and "." not in k[len(prefix):]})
 
 
 def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

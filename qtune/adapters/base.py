@@ -137,6 +137,15 @@ class Adapter(nn.Module):
         ranks), or None."""
         return None
 
+    def load_initial_factors(self, factors: dict[str, torch.Tensor]) -> None:
+        """Copy an initialiser's factors, by their names in this layer (PiSSA/MiLoRA/LoftQ: lora_A, lora_B), in;
+        then after_factors_loaded. A method with factors of its own (the spectral adapter's U₁, S₁, V₁)
+        overrides it."""
+        with torch.no_grad():
+            self.lora_A.copy_(factors["lora_A"])
+            self.lora_B.copy_(factors["lora_B"])
+        self.after_factors_loaded()
+
     def after_factors_loaded(self) -> None:
         """Called after initial factors (PiSSA, MiLoRA, LoftQ) were copied into the adapter."""
 

@@ -25,10 +25,12 @@ checkpoint buffers, so a run resumed after the switch continues with the same di
 among the smaller, not the smallest, ones); a top-k randomized SVD finds only the dominant subspace, so the
 switch takes the full SVD of W₀ in fp32 (torch.linalg.svd), one layer at a time, once. uᵢᵀΔWvᵢ is computed
 as s·Σₖ (UᵀB)ᵢₖ(VᵀAᵀ)ᵢₖ, without forming ΔW.
-Cost of that full SVD, measured 2026-12 on this project's CPU machine (Intel Xeon with AVX512-BF16, torch
-2.13 fp32, another job running): a 4096×4096 weight takes ≈ 15 s on 1 thread (≈ 10 s on 2), a 11008×4096
-MLP weight ≈ 55 s on 1 thread (≈ 40 s on 2): a 7B Llama (32 layers × (4 of the first + 3 of the second))
-≈ 32 × (4·15 + 3·55) s ≈ 2 h on 1 thread, once at step t (a GPU does it in minutes).
+Cost of that full SVD (torch.linalg.svd, fp32, full_matrices=False), measured 2026-12-05 on this project's
+CPU machine (Intel Xeon, AVX512-BF16, 2 cores, torch 2.13) while another job kept ~1.5 cores busy:
+4096×4096 28 s on 1 thread (64 s on 2: oversubscribed), 11008×4096 41 s on 1 thread (83 s on 2); a quiet
+machine's 2 cores took ≈ 97 s for 11008×4096 on 2026-11-23 (SPEC.md). A 7B Llama layer (q, k, v, o at
+4096×4096; gate, up, down at 11008×4096) ≈ 4·28 + 3·41 ≈ 235 s on one thread, the 32 layers ≈ 2 h, once at
+step t; the switch holds one layer's W₀, U and Vh in fp32 at a time (≈ 0.4 GB for 11008×4096).
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ class LoRADashLinear(Adapter):
     @classmethod
     def trainable_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
         return super().trainable_sizes(module, rank, options) + [options.get("directions", DEFAULT_DIRECTIONS)]
+
+    @classmethod
+    def state_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
+        """Ū (s, out) and V̄ (s, in) fp32, the chosen indices (s, int64: two fp32's worth each)."""
+        s = options.get("directions", DEFAULT_DIRECTIONS)
+        return [s * module.out_features, s * module.in_features, 2 * s]
 
     @classmethod
     def check(cls, model: nn.Module, targets: list[str], rank: int, options: dict) -> None:

@@ -130,6 +130,11 @@ class SpectralLinear(Adapter):
         return [module.out_features * rank, module.in_features * rank]  # A_U, A_V
 
     @classmethod
+    def state_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
+        """The frozen fp32 factors it keeps beside its parameters: U₁ (out, r), S₁ (r,), V₁ (in, r)."""
+        return [module.out_features * rank, rank, module.in_features * rank]
+
+    @classmethod
     def check(cls, model: nn.Module, targets: list[str], rank: int, options: dict) -> None:
         """The rank fits every target (r ≤ min(out, in)), and the variant is known."""
         if options.get("variant", "additive") not in VARIANTS:
