@@ -37,7 +37,6 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 from qtune.architectures import head_of
 from qtune.config import TrainConfig
@@ -49,7 +48,6 @@ from qtune.engine.attention import choose_attention
 from qtune.engine.loss import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT,
                                CE_SOFTCAP_BYTES_PER_LOGIT, CE_VOCAB_BLOCK, ce_block_rows, ce_chunk_tokens)
 from qtune.model import compiles_layers
-from quant import QuantLinear
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace, typical on recent drivers
@@ -175,7 +173,6 @@ def backward_peak(stored: int, grads: int, layers: int) -> int:
 def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
     from qtune.adapters import ADAPTER_LAYERS, adapter_layer_for, layer_options, target_candidates
-    from qtune.architectures import select_targets
     from qtune.engine.block import unsupported_reason
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
 

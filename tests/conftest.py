@@ -134,6 +134,14 @@ def _isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small plain-text training file (the sentences, repeated); test modules may define their own."""
+    path = tmp_path_factory.mktemp("corpus") / "c.txt"
+    path.write_text("\n".join(SENTENCES * 40))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 

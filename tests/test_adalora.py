@@ -9,7 +9,6 @@ it cannot run."""
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -19,11 +18,12 @@ from torch import nn
 
 import qtune.adapters
 import qtune.model
-from conftest import SENTENCES, TOL, dense_weight, make_base
+import method_runs
+from conftest import TOL, dense_weight, make_base
+from method_runs import logits, resumed_checkpoint
 from qtune.adapters import adapter_layers
 from qtune.adapters.adalora import (BETA1, BETA2, ORTH_WEIGHT, RANKS_FILE, AdaLoRALinear, budget_at,
                                     default_rank_init, resolve_schedule)
-from qtune.config import TrainConfig
 from qtune.errors import QtuneError
 from qtune.export import export_merged, export_peft, load_run
 from qtune.loader import QuantSpec, quantized_cache_path
@@ -34,7 +34,7 @@ FP32 = TOL[torch.float32]
 # PEFT 0.21 warns so on loading any AdaLoRA adapter with a rank_pattern, its own saves too (LoraModel's check of
 # rank_pattern keys runs before AdaLoraModel resizes the layers by it, which it then does)
 pytestmark = pytest.mark.filterwarnings("ignore:The following rank_pattern keys did not match:RuntimeWarning")
-IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12, 3, 60]])
+
 
 
 def adalora_options(cfg) -> dict:
@@ -294,30 +294,15 @@ def test_rank_allocator_and_penalty_match_peft_fed_the_same_gradients(one_thread
 
 # --- a run ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("adalora") / "c.txt"
-    path.write_text("\n".join(SENTENCES * 40))
-    return path
-
-
 def run_cfg(model_dir, corpus, out, **kw):
-    base = dict(model=str(model_dir), data=str(corpus), output=str(out), method="adalora", seq_len=32, batch_size=2,
-                rank=2, rank_init=4, budget_start=1, budget_end=4, alpha=8, compute_dtype="float32", max_steps=6,
-                eval_every=3, save_every=3, lr=2e-2, warmup_steps=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
+    return method_runs.run_cfg(model_dir, corpus, out, **{**dict(
+        method="adalora", rank=2, rank_init=4, budget_start=1, budget_end=4, max_steps=6, eval_every=3, save_every=3,
+        lr=2e-2), **kw})
 
 
 def test_trains_prunes_to_the_budget_exports_merged_and_peft_on_the_4bit_base_and_resumes(
         tiny_llama, corpus, tmp_path, options_passed):
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     cfg = run_cfg(tiny_llama, corpus, tmp_path / "run")
@@ -365,11 +350,7 @@ def test_trains_prunes_to_the_budget_exports_merged_and_peft_on_the_4bit_base_an
     torch.testing.assert_close(logits(model), want, atol=1e-4, rtol=1e-4)
 
     # resume from the mid-budget checkpoint (step 3 of a budget falling over steps 2…4; step 6's deleted)
-    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000006")
-    train(TrainConfig.from_dict({**cfg.to_dict(), "output": str(tmp_path / "resumed")}), resume=True, progress=False)
-    a = load_file(tmp_path / "run" / "checkpoints" / "step-000006" / "adapter.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000006" / "adapter.safetensors")
+    a, b = resumed_checkpoint(tmp_path / "run", cfg, 6, tmp_path / "resumed")
     assert a.keys() == b.keys() and len(a) == 14 * (3 + len(AdaLoRALinear.checkpoint_buffers))
     for key in a:
         assert torch.equal(b[key], a[key]), key

@@ -6,17 +6,16 @@ with the same logits, resume exactly, are counted by the plan, and refuse shapes
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import SENTENCES, TOL, dense_weight, make_base
+from conftest import TOL, dense_weight, make_base
+from method_runs import logits, resumed_checkpoint, run_cfg
 from qtune.adapters import adapter_layers
 from qtune.adapters.bone import BatLinear, BoneLinear
-from qtune.config import TrainConfig
 from qtune.errors import QtuneError
 from qtune.export import export_merged, export_peft, load_run
 from qtune.loader import QuantSpec, quantized_cache_path
@@ -24,7 +23,7 @@ from qtune.plan import plan_memory
 from qtune.train import read_metrics, train
 
 FP32 = TOL[torch.float32]
-IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12, 3, 60]])
+
 
 
 def naive_bone_delta(block: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -123,30 +122,10 @@ def test_bf16_activations_use_fp32_parameters():
     torch.testing.assert_close(y.float(), layer(x), **TOL[torch.bfloat16])
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bone") / "c.txt"
-    path.write_text("\n".join(SENTENCES * 40))
-    return path
-
-
-def run_cfg(model_dir, corpus, out, **kw):
-    base = dict(model=str(model_dir), data=str(corpus), output=str(out), seq_len=32, batch_size=2, rank=4, alpha=8,
-                compute_dtype="float32", max_steps=4, eval_every=0, save_every=2, lr=1e-2, warmup_steps=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 # Bone at rank 12 divides neither 64 nor 128 (the tiny llama's sizes): its padding runs end to end
 @pytest.mark.parametrize("method, rank", [("bone", 12), ("bat", 8)])
 def test_trains_exports_merged_and_peft_on_the_4bit_base_and_resumes(tiny_llama, corpus, tmp_path, method, rank):
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     cfg = run_cfg(tiny_llama, corpus, tmp_path / "run", method=method, rank=rank)
@@ -183,11 +162,7 @@ def test_trains_exports_merged_and_peft_on_the_4bit_base_and_resumes(tiny_llama,
     torch.testing.assert_close(logits(model), want, atol=1e-4, rtol=1e-4)
 
     # resume: from the step-2 checkpoint (the step-4 one deleted) to step 4 gives the same adapter
-    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
-    train(TrainConfig.from_dict({**cfg.to_dict(), "output": str(tmp_path / "resumed")}), resume=True, progress=False)
-    a = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "adapter.safetensors")
+    a, b = resumed_checkpoint(tmp_path / "run", cfg, 4, tmp_path / "resumed")
     assert a.keys() == b.keys() and len(a) == 14
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)

@@ -19,7 +19,8 @@ from torch import nn
 
 import qtune.adapters
 import qtune.model
-from conftest import SENTENCES, TOL, dense_weight, make_base
+from conftest import TOL, dense_weight, make_base
+from method_runs import logits, resumed_checkpoint, run_cfg
 from qtune.adapters import adapter_layers
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.loradash import LoRADashLinear
@@ -32,7 +33,7 @@ from qtune.train import read_metrics, train
 from quant import QuantLinear
 
 FP32 = TOL[torch.float32]
-IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12, 3, 60]])
+
 
 
 def grads(out: torch.Tensor, *tensors: torch.Tensor, seed: int = 2):
@@ -146,25 +147,6 @@ def test_loradash_counts_its_trainable_tensors_and_refuses_bad_options():
         LoRADashLinear.check(model, ["a", "b"], 4, {"steps": 1, "directions": 0})
     with pytest.raises(QtuneError, match=r"--rank 41 is larger than layer b"):
         LoRADashLinear.check(model, ["a", "b"], 41, {})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dash") / "c.txt"
-    path.write_text("\n".join(SENTENCES * 40))
-    return path
-
-
-def run_cfg(model_dir, corpus, out, **kw):
-    base = dict(model=str(model_dir), data=str(corpus), output=str(out), seq_len=32, batch_size=2, rank=4, alpha=8,
-                compute_dtype="float32", max_steps=4, eval_every=0, save_every=2, lr=1e-2, warmup_steps=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
 
 
 @pytest.fixture
@@ -387,7 +369,6 @@ def test_a_spectral_model_at_16_bits_starts_as_the_original_model(tiny_llama, co
 
 @pytest.mark.parametrize("variant", ["additive", "rotate"])
 def test_spectral_trains_exports_merged_and_resumes(tiny_llama, corpus, tmp_path, variant):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     cfg = run_cfg(tiny_llama, corpus, tmp_path / "run", method="spectral", spectral_variant=variant, lr=2e-2)
@@ -412,11 +393,7 @@ def test_spectral_trains_exports_merged_and_resumes(tiny_llama, corpus, tmp_path
         export_peft(tmp_path / "run", tmp_path / "adapter", progress=False)
 
     # resume from step 2: the saved residual base and factors are reloaded, not recomputed
-    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
-    train(TrainConfig.from_dict({**cfg.to_dict(), "output": str(tmp_path / "resumed")}), resume=True, progress=False)
-    a = load_file(tmp_path / "run" / "checkpoints" / "step-000004" / "adapter.safetensors")
-    b = load_file(tmp_path / "resumed" / "checkpoints" / "step-000004" / "adapter.safetensors")
+    a, b = resumed_checkpoint(tmp_path / "run", cfg, 4, tmp_path / "resumed")
     assert a.keys() == b.keys() and len(a) == 28
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0)

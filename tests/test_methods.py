@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from conftest import SENTENCES
 from qtune.config import TrainConfig
 from qtune.export import export_merged, export_peft, load_run
 from qtune.loader import QuantSpec, load_model
@@ -14,13 +13,6 @@ from qtune.model import build_model
 from qtune.train import read_metrics, train
 
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 12, 3, 60]])
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("methods") / "c.txt"
-    path.write_text("\n".join(SENTENCES * 40))
-    return path
 
 
 def cfg_for(model_dir, corpus, out, **kw):

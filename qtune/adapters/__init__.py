@@ -9,7 +9,7 @@ from qtune.adapters.base import Adapter
 from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
-from qtune.architectures import linear_names, select_targets
+from qtune.architectures import linear_names
 from qtune.errors import QtuneError
 
 # method name -> the layer that wraps a frozen base module (qpissa is LoRA with --init pissa); the second
@@ -69,7 +69,6 @@ def attach_adapters(model: nn.Module, method: str, target_modules: list[str], ra
     Returns the wrapped module names. Adapters are initialised from `seed` (same seed, same A).
     """
     layer_cls = adapter_layer_for(method)
-    kinds = layer_cls.targets  # the module types the method adapts (linears, or e.g. norms)
     model.requires_grad_(False)
     candidates = target_candidates(model, layer_cls)
     targets = [(n, model.get_submodule(n)) for n in layer_cls.select(candidates, target_modules)]
