@@ -67,28 +67,11 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
                              "which qtune's generic path uses for it. Pass --no-gradient-checkpointing.")
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if engine.unsupported is not None:  # the generic path: its loss must be the model's own
-        _generic_attention(model, engine)
         architectures.check_head(model, engine)
     for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled blocks, computed once
         if isinstance(m, DoRALinear):
             frozen_row_sq(m, dtype)
     return model, tokenizer, model_dir, report
-
-
-def _generic_attention(model: nn.Module, engine: Engine) -> None:
-    """On the generic path, qtune's eager attention kernel inside transformers' own attention modules where
-    choose_attention picks it (CPU, checkpointing, small scores) and the model's attention is one it computes
-    (no attention dropout; a probe forward raises nothing); else the model's own kernel stays."""
-    from qtune.engine.attention import UnsupportedAttention, register_transformers_attention
-
-    own = getattr(model.config, "_attn_implementation", None)
-    if engine.attention != "eager" or getattr(model.config, "attention_dropout", 0.0) or own is None:
-        return
-    try:
-        model.set_attn_implementation(register_transformers_attention())
-        architectures.check_head(model, engine)
-    except (UnsupportedAttention, ValueError, NotImplementedError):
-        model.set_attn_implementation(own)
 
 
 FUSED_METHODS = ("qlora", "qpissa", "qdora", "qrosa")  # the methods qtune.engine has fused and compiled forms of
