@@ -31,6 +31,8 @@ CASES = [
     ("SmolLM2-135M", {"bits": 16}),
     ("SmolLM2-135M", {"optim": "adamw8bit", "rank": 64}),
     ("SmolLM2-135M", {"gradient_checkpointing": False, "batch_size": 2}),
+    *[("SmolLM2-135M", {"method": m, "lr": 1e-3}) for m in ("adalora", "loradash", "spectral", "loha", "lokr", "bone",
+                                                            "bat", "ia3", "lntuning", "bitfit")],  # the second wave
     ("random-0.5B", {"batch_size": 2}),
     ("random-1B-wide", {"batch_size": 1, "seq_len": 512}),
 ]
