@@ -236,8 +236,11 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
     dora_out = (sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
                 if cfg.method == "qdora" else 0)
+    # what a method's adapters keep per token beyond LoRA's x·Aᵀ (counted in the internals), one layer's worth
+    kept = sum(layer_cls.saved_per_token(m, cfg.rank, layer_cls.layer_options(skeleton, n, options)) - cfg.rank
+               for n, m in targets.items()) // L
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
-                                             extra_per_token=c * dora_out if cfg.method == "qdora" else 0)
+                                             extra_per_token=c * (dora_out + kept))
     # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
     if cfg.gradient_checkpointing and compiled:  # and each adapter's h = x·Aᵀ (lora_down)

@@ -56,6 +56,12 @@ class Adapter(nn.Module):
         return [rank * module.in_features, module.out_features * rank]
 
     @classmethod
+    def saved_per_token(cls, module: nn.Module, rank: int, options: dict) -> int:
+        """Elements per token its forward keeps for backward (in the compute dtype), for qtune.plan: LoRA's
+        x·Aᵀ (rank) by default."""
+        return rank
+
+    @classmethod
     def state_sizes(cls, module: nn.Module, rank: int, options: dict) -> list[int]:
         """Element counts of the fp32 training-state buffers it keeps beside its parameters (AdaLoRA's moving
         averages), for qtune.plan. None by default."""

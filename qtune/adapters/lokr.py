@@ -112,6 +112,13 @@ class LoKrLinear(Adapter):
         w2 = cast["lokr_w2"] if "lokr_w2" in cast else cast["lokr_w2_a"] @ cast["lokr_w2_b"]
         return w1, w2
 
+    @classmethod
+    def saved_per_token(cls, module: nn.Module, rank: int, options: dict) -> int:
+        """X·W₂ᵀ (c, b) per token, kept for W₁'s product's backward (X is the input's view, kept anyway)."""
+        c, _ = kronecker_split(module.in_features, options.get("factor", -1))
+        _, b = kronecker_split(module.out_features, options.get("factor", -1))
+        return c * b
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.kron_factors(x.dtype)                               # (a, c), (b, d)
         X = self.dropout(x).unflatten(-1, (w1.shape[1], w2.shape[1]))     # (..., c, d)
