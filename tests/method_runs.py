@@ -25,6 +25,24 @@ def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
         return model(ids).logits
 
 
+def started(run: Path) -> dict:
+    """The run's start line of metrics.jsonl (its trainable parameter count, total steps, data)."""
+    from qtune.train import read_metrics
+
+    return next(r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "start")
+
+
+def merged_export_error(run: Path, out: Path, want: torch.Tensor, ids: torch.Tensor = IDS) -> float:
+    """max |Δlogit| / max |logit| of the run's merged fp16 export, loaded by plain transformers in fp32, against
+    `want` (the adapter model's logits of `ids`)."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.export import export_merged
+
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(run, out, progress=False), dtype=torch.float32)
+    return ((logits(merged, ids) - want).abs().max() / want.abs().max()).item()
+
+
 def resumed_checkpoint(run: Path, cfg: TrainConfig, step: int, out: Path) -> tuple[dict, dict]:
     """Copy `run`, delete its step-`step` checkpoint (the last), resume it to the end; (the uninterrupted run's
     step-`step` adapter tensors, the resumed run's)."""

@@ -20,12 +20,12 @@ import qtune.adapters
 import qtune.model
 import method_runs
 from conftest import TOL, dense_weight, make_base
-from method_runs import logits, resumed_checkpoint
+from method_runs import logits, merged_export_error, resumed_checkpoint, started
 from qtune.adapters import adapter_layers
 from qtune.adapters.adalora import (BETA1, BETA2, ORTH_WEIGHT, RANKS_FILE, AdaLoRALinear, budget_at,
                                     default_rank_init, resolve_schedule)
 from qtune.errors import QtuneError
-from qtune.export import export_merged, export_peft, load_run
+from qtune.export import export_peft, load_run
 from qtune.loader import QuantSpec, quantized_cache_path
 from qtune.plan import plan_memory
 from qtune.train import read_metrics, train
@@ -323,14 +323,11 @@ def test_trains_prunes_to_the_budget_exports_merged_and_peft_on_the_4bit_base_an
     want = logits(ours)
 
     # plan: the same trainable count as the run (rank_init rows in every layer)
-    start = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "start")
-    assert plan_memory(cfg).trainable_params == start["trainable_params"] == sum(
+    assert plan_memory(cfg).trainable_params == started(tmp_path / "run")["trainable_params"] == sum(
         4 * m.in_features + m.out_features * 4 + 4 for m in layers.values())
 
     # merged fp16 model in plain transformers
-    merged = AutoModelForCausalLM.from_pretrained(export_merged(tmp_path / "run", tmp_path / "merged",
-                                                                progress=False), dtype=torch.float32)
-    err = (logits(merged) - want).abs().max() / want.abs().max()
+    err = merged_export_error(tmp_path / "run", tmp_path / "merged", want)
     assert err < 2e-3, f"relative logit difference {err:.2e}"
 
     # PEFT's AdaLoRA (pruned by rank_pattern) on the bitsandbytes 4-bit base

@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TOL, dense_weight, make_base
-from method_runs import logits, resumed_checkpoint, run_cfg
+from method_runs import logits, merged_export_error, resumed_checkpoint, run_cfg, started
 from qtune.adapters import adapter_layers
 from qtune.adapters.bone import BatLinear, BoneLinear
 from qtune.errors import QtuneError
-from qtune.export import export_merged, export_peft, load_run
+from qtune.export import export_peft, load_run
 from qtune.loader import QuantSpec, quantized_cache_path
 from qtune.plan import plan_memory
-from qtune.train import read_metrics, train
+from qtune.train import train
 
 FP32 = TOL[torch.float32]
 
@@ -138,14 +138,11 @@ def test_trains_exports_merged_and_peft_on_the_4bit_base_and_resumes(tiny_llama,
     want = logits(ours)
 
     # plan: the same trainable count as the run (metrics' start line counts the model's parameters)
-    start = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "start")
-    assert plan_memory(cfg).trainable_params == start["trainable_params"] == sum(
+    assert plan_memory(cfg).trainable_params == started(tmp_path / "run")["trainable_params"] == sum(
         m.miss_block.numel() for m in layers.values())
 
     # merged fp16 model in plain transformers
-    merged = AutoModelForCausalLM.from_pretrained(export_merged(tmp_path / "run", tmp_path / "merged",
-                                                                progress=False), dtype=torch.float32)
-    err = (logits(merged) - want).abs().max() / want.abs().max()
+    err = merged_export_error(tmp_path / "run", tmp_path / "merged", want)
     assert err < 2e-3, f"relative logit difference {err:.2e}"
 
     # PEFT's MiSS on the bitsandbytes 4-bit base
