@@ -33,14 +33,18 @@ ADAPTER_LAYERS: dict[str, type[Adapter] | str] = {
 
 
 def layer_options(method: str, cfg) -> dict:
-    """Method-specific constructor options of the adapter layer, from the run configuration (a method's own
-    defaults where an option was not given)."""
+    """Method-specific constructor options of the adapter layer, from the run configuration. An option not given
+    is left out, so that the method's own default (in its file) applies."""
+
+    def given(**options) -> dict:
+        return {k: v for k, v in options.items() if v is not None}
+
     return {"qdora": {"detach_norm": cfg.dora_detach_norm},
-            "lokr": {"factor": -1 if cfg.lokr_factor is None else cfg.lokr_factor},
+            "lokr": given(factor=cfg.lokr_factor),
             "adalora": {"rank_init": cfg.rank_init, "budget_start": cfg.budget_start, "budget_end": cfg.budget_end,
                         "rslora": cfg.rslora},
-            "loradash": {"steps": cfg.dash_steps or 100, "directions": cfg.dash_directions or 8},
-            "spectral": {"variant": cfg.spectral_variant or "additive"}}.get(method, {})
+            "loradash": given(steps=cfg.dash_steps, directions=cfg.dash_directions),
+            "spectral": given(variant=cfg.spectral_variant)}.get(method, {})
 
 
 def adapter_layer_for(method: str) -> type[Adapter]:
@@ -51,14 +55,9 @@ def adapter_layer_for(method: str) -> type[Adapter]:
     except KeyError:
         raise QtuneError(f"Method {method!r} is not available in this version of qtune. "
                          f"Use one of: {', '.join(sorted(ADAPTER_LAYERS))}.") from None
-    if isinstance(layer, str):
+    if isinstance(layer, str):  # a second-wave method's file, imported on first use
         module, _, name = layer.partition(":")
-        try:
-            layer = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            raise QtuneError(f"Method {method!r} is not available in this version of qtune. Use one of: "
-                             f"qlora, qdora, qpissa, qrosa.") from None
-        ADAPTER_LAYERS[method] = layer
+        layer = ADAPTER_LAYERS[method] = getattr(importlib.import_module(module), name)
     return layer
 
 
