@@ -25,12 +25,8 @@ checkpoint buffers, so a run resumed after the switch continues with the same di
 among the smaller, not the smallest, ones); a top-k randomized SVD finds only the dominant subspace, so the
 switch takes the full SVD of W₀ in fp32 (torch.linalg.svd), one layer at a time, once. uᵢᵀΔWvᵢ is computed
 as s·Σₖ (UᵀB)ᵢₖ(VᵀAᵀ)ᵢₖ, without forming ΔW.
-Cost of that full SVD (torch.linalg.svd, fp32, full_matrices=False), measured 2026-12-05 on this project's
-CPU machine (Intel Xeon, AVX512-BF16, 2 cores, torch 2.13) while another job kept ~1.5 cores busy:
-4096×4096 28 s on 1 thread (64 s on 2: oversubscribed), 11008×4096 41 s on 1 thread (83 s on 2); a quiet
-machine's 2 cores took ≈ 97 s for 11008×4096 on 2026-11-23 (SPEC.md). A 7B Llama layer (q, k, v, o at
-4096×4096; gate, up, down at 11008×4096) ≈ 4·28 + 3·41 ≈ 235 s on one thread, the 32 layers ≈ 2 h, once at
-step t; the switch holds one layer's W₀, U and Vh in fp32 at a time (≈ 0.4 GB for 11008×4096).
+The switch holds one matrix's W₀, U and Vh in fp32 at a time (≈ 0.4 GB for 11008×4096); its time for a 7B
+model is measured by tools/svd_cost.py (docs/benchmarks.md: about 0.7 h for the 32 layers on 2 CPU cores).
 """
 
 from __future__ import annotations
