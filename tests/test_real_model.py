@@ -10,10 +10,10 @@ import torch
 
 from qtune.config import TrainConfig
 from qtune.data import default_data_path
-from qtune.embedded import default_model_dir, shakespeare_texts
+from qtune.embedded import smollm2_hf_dir, shakespeare_texts
 from qtune.export import export_merged, export_peft, load_run
 from qtune.generate import prefix_rate
-from qtune.loader import QuantSpec, load_model, load_tokenizer, quantized_cache_path
+from qtune.loader import QuantSpec, load_model, load_tokenizer, quantized_cache_path, resolve_model_dir
 from qtune.train import read_metrics, train
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smol():
-    return default_model_dir()
+    return smollm2_hf_dir()
 
 
 def test_embedded_model_converts_and_quantizes_like_bitsandbytes(smol):
@@ -73,7 +73,7 @@ def test_default_run_learns_the_style_visibly(smol, default_run):
     prompts = [json.loads(line)["prompt"] for line in
                default_data_path().with_name("pirate_chat_eval_prompts.jsonl").read_text().splitlines()]
     tok = load_tokenizer(smol)
-    base = load_model(smol, QuantSpec(4), torch.bfloat16, progress=False)
+    base = load_model(resolve_model_dir(None), QuantSpec(4), torch.bfloat16, progress=False)  # the run's base
     before = prefix_rate(base, tok, prompts, "Arr")
     _, tuned, *_ = load_run(run, progress=False)
     after = prefix_rate(tuned, tok, prompts, "Arr")
@@ -100,7 +100,7 @@ def test_default_run_exports_to_transformers_and_peft(smol, default_run, tmp_pat
     assert rel < 2e-3  # fp16 rounding of each merged weight (2^-11 relative)
 
     # PEFT on the bitsandbytes 4-bit base (qtune's cache, opened by transformers), both in fp32
-    base = AutoModelForCausalLM.from_pretrained(quantized_cache_path(smol, QuantSpec(4), torch.float32),
+    base = AutoModelForCausalLM.from_pretrained(quantized_cache_path(resolve_model_dir(None), QuantSpec(4), torch.float32),
                                                 dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, export_peft(run, tmp_path / "adapter", progress=False))
     peft_model.train()  # bitsandbytes' CPU eval path repacks weights; train mode (dropout 0) dequantizes as we do

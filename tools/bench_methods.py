@@ -189,9 +189,9 @@ def main() -> None:
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
         check_tree(tree)
-    from qtune.embedded import default_model_dir
+    from qtune.embedded import smollm2_hf_dir
 
-    args.model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
+    args.model_dir = Path(args.model_dir) if args.model_dir else smollm2_hf_dir()
     work = Path(tempfile.mkdtemp(prefix="bench-methods-"))
     try:
         h.prepare_data(work, args.model_dir, args.plays, 1, args.warmup + args.steps)

@@ -251,7 +251,7 @@ def parent_main(args) -> None:
 
     import torch
 
-    from qtune.embedded import default_model_dir
+    from qtune.embedded import smollm2_hf_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,7 +262,7 @@ def parent_main(args) -> None:
     for m, ref in PEERLESS.items():  # qrosa is compared with qtune's qlora: run that too when it is not asked for
         if m in methods and ref not in methods:
             methods.insert(methods.index(m), ref)
-    args.model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
+    args.model_dir = Path(args.model_dir) if args.model_dir else smollm2_hf_dir()
     work = Path(tempfile.mkdtemp(prefix="bench-peft-"))
     try:
         data_info = h.prepare_data(work, args.model_dir, args.plays, args.eval_rows, args.warmup + args.steps)

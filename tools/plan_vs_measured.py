@@ -47,7 +47,7 @@ RANDOM = {  # Llama geometries with random weights (bf16 on disk)
 def random_model(name: str, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from qtune.embedded import default_model_dir
+    from qtune.embedded import smollm2_hf_dir
     from qtune.loader import TOKENIZER_FILES
 
     out = folder / name
@@ -56,7 +56,7 @@ def random_model(name: str, folder: Path) -> Path:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**RANDOM[name], max_position_embeddings=2048),
                                                  dtype=torch.bfloat16)
         model.save_pretrained(out)
-        smol = default_model_dir()  # its tokenizer (ids < 49152) for the shipped data
+        smol = smollm2_hf_dir()  # its tokenizer (ids < 49152) for the shipped data
         for f in TOKENIZER_FILES:
             if (smol / f).is_file():
                 (out / f).write_bytes((smol / f).read_bytes())

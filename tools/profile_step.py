@@ -127,11 +127,11 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qtune.embedded import default_model_dir
+    from qtune.embedded import smollm2_hf_dir
 
     work = Path(tempfile.mkdtemp(prefix="qtune-profile-"))
     try:
-        model_dir = default_model_dir()
+        model_dir = smollm2_hf_dir()
         h.prepare_data(work, model_dir, args.plays, 4, args.warmup + args.steps)
         data = h.load_data(work)
         # the benchmark's qtune run (tools/harness.py), its warm-up unprofiled, then the profiled steps

@@ -40,10 +40,10 @@ def write_quantized_model(out: Path, geometry: dict, layers: int | None, seed: i
     from safetensors.torch import save_file
 
     from quant import quantize
-    from qtune.embedded import default_model_dir
+    from qtune.embedded import smollm2_hf_dir
     from qtune.loader import TOKENIZER_FILES
 
-    src_tok = default_model_dir()
+    src_tok = smollm2_hf_dir()
     cfg = dict(geometry)
     cfg.pop("torch_dtype", None)
     cfg.update(vocab_size=49152, dtype="bfloat16", bos_token_id=1, eos_token_id=2, pad_token_id=2)
