@@ -206,18 +206,26 @@ def plan(config_file, device_memory, device, as_json, debug, **flags):
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(), help="Run folder of `qtune train`.")
 @click.option("--output", required=True, type=click.Path(), help="Folder to write.")
-@click.option("--format", "fmt", type=click.Choice(["merged", "peft"]), default="merged", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["merged", "peft", "gguf"]), default="merged", show_default=True,
+              help="merged: fp16 safetensors; peft: the adapter; gguf: one file for llama.cpp / Ollama.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16"]), default="float16", show_default=True)
+@click.option("--gguf-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="q8_0", show_default=True,
+              help="With --format gguf: the matrices' type (norms stay f32).")
 @click.option("--checkpoint", type=click.Path(), default=None, help="A checkpoint folder (default: the latest).")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
-def export(run_dir, output, fmt, dtype, checkpoint, debug):
-    """Merged fp16 model (loads in plain transformers) or the adapter in PEFT's format."""
+def export(run_dir, output, fmt, dtype, gguf_type, checkpoint, debug):
+    """Merged fp16 model (loads in plain transformers), the adapter in PEFT's format, or a GGUF file."""
 
     def go():
         from qtune.export import export_merged, export_peft
 
-        out = (export_merged(run_dir, output, dtype, checkpoint) if fmt == "merged"
-               else export_peft(run_dir, output, checkpoint))
+        if fmt == "gguf":
+            from qtune.gguf_export import export_gguf
+
+            out = export_gguf(run_dir, output, gguf_type, checkpoint)
+        else:
+            out = (export_merged(run_dir, output, dtype, checkpoint) if fmt == "merged"
+                   else export_peft(run_dir, output, checkpoint))
         click.echo(f"qtune: wrote {out}")
 
     _run(go, debug)
