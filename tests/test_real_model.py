@@ -97,7 +97,9 @@ def test_default_run_exports_to_transformers_and_peft(smol, default_run, tmp_pat
         got = merged(ids).logits
     rel = ((got - want).abs().max() / want.abs().max()).item()
     print(f"merged fp16 export vs adapter model (fp32 compute): max |Δlogit| / max |logit| = {rel:.2e}")
-    assert rel < 2e-3  # fp16 rounding of each merged weight (2^-11 relative)
+    # fp16 rounding (2^-11 relative) of every weight over 30 layers: since the base comes from the GGUF's fp32
+    # decode (not a bf16 copy, whose values fp16 holds exactly), the embeddings and norms round too (3.5e-3 measured)
+    assert rel < 5e-3
 
     # PEFT on the bitsandbytes 4-bit base (qtune's cache, opened by transformers), both in fp32
     base = AutoModelForCausalLM.from_pretrained(quantized_cache_path(resolve_model_dir(None), QuantSpec(4), torch.float32),
