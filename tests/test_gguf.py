@@ -64,13 +64,6 @@ def tiny_model(folder: Path, arch: str, **overrides) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf-data") / "corpus.txt"
-    path.write_text("\n".join(SENTENCES * 40))
-    return path
-
-
 def probe_ids() -> torch.Tensor:
     tok = make_tokenizer()
     return torch.tensor([tok(" ".join(SENTENCES))["input_ids"][:SEQ]])
