@@ -166,3 +166,31 @@ def check_head(model: nn.Module, engine) -> None:
         raise QtuneError(f"qtune's loss would not be {model.config.model_type!r}'s own: its logits differ from the "
                          f"model's forward by {err:.2%} (relative) on a probe, so its head applies a transform qtune "
                          "does not know. This architecture is not supported yet; please report it.")
+
+
+def check_packing(model: nn.Module, engine) -> None:
+    """At start, on the generic path under --packing per-example: the model honours transformers' packed
+    format (qtune.engine: no 2-D mask, position ids restarting per example), i.e. the second of two packed
+    examples gets the logits it has alone. A model whose forward builds its own mask would attend across
+    them; it is refused by name rather than trained on context it will never see."""
+    vocab = model.config.get_text_config().vocab_size
+    device = model.get_output_embeddings().weight.device
+    ids = torch.arange(1, min(13, vocab), device=device)[None]
+    n = ids.shape[1]
+    segments = torch.ones_like(ids)
+    segments[:, n // 2:] = 2
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = engine.logits(ids, segments)[:, n // 2:].float()
+            alone = engine.logits(ids[:, n // 2:], torch.ones_like(ids[:, n // 2:])).float()
+    finally:
+        model.train(was)
+    tol = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 3e-2
+    err = (packed - alone).abs().max().item() / max(alone.abs().max().item(), 1e-6)
+    if not err <= tol:
+        raise QtuneError(f"{model.config.model_type!r} does not keep packed examples apart: on a probe, an example "
+                         f"packed after another gets logits {err:.2%} (relative) off its own, so its forward ignores "
+                         "transformers' packed-sequence format. Pass --packing none (one example per row), and "
+                         "please report it.")

@@ -101,6 +101,10 @@ TRAIN_OPTIONS = [
     _opt("--lora-plus-ratio", type=float, help="LoRA+: lr of B = ratio x lr (default 1)."),
     _opt("--seq-len", type=int, help="Tokens per sequence (default 256)."),
     _opt("--batch-size", type=int, help="Sequences per micro-batch (default 4)."),
+    _opt("--packing", type=click.Choice(["per-example", "none", "contaminated"]),
+         help="Instruction/chat examples: per-example (default: packed several to a row, each attending to itself "
+              "only, positions restarting), none (one example per row, padded), contaminated (packed, attending to "
+              "the examples before it: the old behaviour, for benchmarks only)."),
     _opt("--grad-accum", type=int, help="Micro-batches per optimizer step (default 1)."),
     _opt("--lr", type=float, help="Peak learning rate (default 2e-4)."),
     _opt("--lr-scheduler", help="cosine (default) | linear | constant, after warmup."),
@@ -239,9 +243,11 @@ def export(run_dir, output, fmt, dtype, gguf_type, checkpoint, debug):
 @click.option("--compute-dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default=None,
               help="Default: the run's (auto for a model folder).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--packing", type=click.Choice(["per-example", "none", "contaminated"]), default="per-example",
+              show_default=True, help="As `qtune train --packing`: per-example scores each example as if alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: loss, perplexity, tokens.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
-def eval_command(run_dir, model, data, seq_len, compute_dtype, batch_size, as_json, debug):
+def eval_command(run_dir, model, data, seq_len, compute_dtype, batch_size, packing, as_json, debug):
     """Held-out loss and perplexity of a run (quantized base + adapter) or of a model folder, on the same blocks."""
 
     def go():
@@ -249,7 +255,8 @@ def eval_command(run_dir, model, data, seq_len, compute_dtype, batch_size, as_js
 
         from qtune.evaluate import evaluate_file
 
-        result = evaluate_file(data, run_dir, model, seq_len, compute_dtype, batch_size, progress=not as_json)
+        result = evaluate_file(data, run_dir, model, seq_len, compute_dtype, batch_size, progress=not as_json,
+                               packing=packing)
         click.echo(json.dumps(result.to_json()) if as_json else f"qtune: {result}")
 
     _run(go, debug)

@@ -21,6 +21,11 @@ METHODS = ("qlora", "qdora", "qpissa", "qrosa",  # the first wave
 METHOD_OPTIONS = {"lokr_factor": ("lokr",), "rank_init": ("adalora",), "budget_start": ("adalora",),
                   "budget_end": ("adalora",), "dash_steps": ("loradash",), "dash_directions": ("loradash",),
                   "spectral_variant": ("spectral",)}
+# how examples share rows (qtune.data.pack_examples): per-example: first fit, each example its own segment
+# (attends to itself only, positions from 0); none: one example per row, padded; contaminated: first fit with
+# one segment per row, so that an example attends to those packed before it and continues their positions
+# (qtune's behaviour before per-example masks; kept for the benchmarks that measure the difference)
+PACKING = ("per-example", "none", "contaminated")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DEFAULT_TARGETS = ("all-linear",)  # every linear inside the decoder layers (qtune.architectures)
 
@@ -97,6 +102,10 @@ class TrainConfig:
     """Tokens per training sequence."""
     batch_size: int = 4
     """Sequences per micro-batch."""
+    packing: str = "per-example"
+    """How instruction/chat examples share rows: per-example (packed; each attends to itself only, positions
+    restart) | none (one example per row, padded) | contaminated (packed, attending to the examples before it:
+    qtune's behaviour before per-example masks, for benchmarks only)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 2e-4
@@ -188,6 +197,8 @@ class TrainConfig:
         _check(self.rank > 0, f"--rank must be positive, got {self.rank}", "pass e.g. --rank 16")
         _check(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}", "pass e.g. --seq-len 512")
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. --batch-size 4")
+        _check(self.packing in PACKING, f"unknown --packing {self.packing!r}",
+               "use per-example (the default), none, or contaminated (benchmarks only)")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}", "pass e.g. --grad-accum 4")
         _check(self.lr > 0, f"--lr must be positive, got {self.lr}", "pass e.g. --lr 2e-4")
         _check(0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}", "pass e.g. --dropout 0.05")

@@ -6,7 +6,10 @@ The pipeline, top to bottom:
      seq_len windows; instruction and chat records become one example each, whose prompt tokens get
      label -100 so that only the response / assistant tokens are learned;
   3. hold out an eval set (whole windows or whole examples, chosen by a seeded RNG) before packing;
-  4. pack the examples greedily (first fit, in order) into rows of seq_len, padded at the end.
+  4. pack the examples greedily (first fit, in order) into rows of seq_len, padded at the end. Each
+     row records which example each token belongs to (its segment ids), so that the model attends
+     within an example only and restarts its positions there (qtune.engine.attention): packed
+     examples never see each other, and an example's loss is the one it has alone (--packing).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qtune.config import PACKING
 from qtune.errors import QtuneError
 
 IGNORE_INDEX = -100  # the label torch's cross_entropy (and transformers' loss) skips
@@ -28,14 +32,26 @@ _MAX_OPEN_ROWS = 64  # first fit looks at most at this many unfilled rows: O(n) 
 
 @dataclass
 class TokenBlocks:
-    """Fixed-length rows ready for the model; row r holds one or more whole examples, then padding."""
+    """Fixed-length rows ready for the model; row r holds one or more whole examples, then padding.
+
+    segment_ids say which tokens attend to which: a token sees the earlier tokens of its own segment
+    only. A 0/1 attention mask is the special case of one segment per row."""
 
     input_ids: torch.Tensor  # (rows, seq_len) int64, right-padded with the pad id
     labels: torch.Tensor  # (rows, seq_len) int64, IGNORE_INDEX where no loss (prompt tokens, padding)
-    attention_mask: torch.Tensor  # (rows, seq_len) int64, 1 for real tokens, 0 for padding
+    segment_ids: torch.Tensor  # (rows, seq_len) int64, k = 1, 2, … for the row's k-th example, 0 for padding
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(rows, seq_len) int64, 1 for real tokens, 0 for padding (what a plain transformers model takes)."""
+        return (self.segment_ids > 0).long()
+
+    def real_tokens(self) -> int:
+        """Number of non-padding positions."""
+        return int((self.segment_ids > 0).sum())
 
     def label_tokens(self) -> int:
         """Number of positions that carry a label (the tokens the loss is averaged over)."""
@@ -75,13 +91,15 @@ def default_data_path() -> pathlib.Path:
 
 
 def load_splits(data, eval_data, tokenizer, seq_len: int, *, eval_fraction: float = 0.05, seed: int = 0,
-                skip_bad_rows: bool = False) -> tuple[TokenBlocks, TokenBlocks, DataStats]:
+                skip_bad_rows: bool = False, packing: str = "per-example") -> tuple[TokenBlocks, TokenBlocks, DataStats]:
     """Load, tokenize, split and pack a dataset: returns (train, eval, stats).
 
     data: a path (see the module docstring) or None for default_data_path(). eval_data: a path loaded
     the same way and used whole as the eval set; without it a seeded ~eval_fraction of the windows /
     examples (at least one) is held out before packing, so no eval token is ever trained on.
+    packing: one of PACKING (both splits are packed the same way).
     """
+    _check_packing(packing)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise QtuneError(f"The sequence length must be a positive integer, got {seq_len!r}. "
                          "Pass --seq-len 512 or similar.")
@@ -103,36 +121,40 @@ def load_splits(data, eval_data, tokenizer, seq_len: int, *, eval_fraction: floa
         eval_examples = [ex for i, ex in enumerate(train_examples) if i in held_out]
         train_examples = [ex for i, ex in enumerate(train_examples) if i not in held_out]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train, eval_ = pack_examples(train_examples, seq_len, pad_id), pack_examples(eval_examples, seq_len, pad_id)
+    train = pack_examples(train_examples, seq_len, pad_id, packing)
+    eval_ = pack_examples(eval_examples, seq_len, pad_id, packing)
     stats.train_rows, stats.eval_rows = len(train), len(eval_)
-    stats.train_tokens, stats.eval_tokens = int(train.attention_mask.sum()), int(eval_.attention_mask.sum())
+    stats.train_tokens, stats.eval_tokens = train.real_tokens(), eval_.real_tokens()
     stats.train_label_tokens, stats.eval_label_tokens = train.label_tokens(), eval_.label_tokens()
     return train, eval_, stats
 
 
-def load_blocks(path, tokenizer, seq_len: int) -> tuple[TokenBlocks, DataStats]:
+def load_blocks(path, tokenizer, seq_len: int, packing: str = "per-example") -> tuple[TokenBlocks, DataStats]:
     """A whole dataset file (or folder) as packed rows, nothing held out: what `qtune eval` scores."""
+    _check_packing(packing)
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise QtuneError(f"The sequence length must be a positive integer, got {seq_len!r}. Pass --seq-len 256 or similar.")
     stats = DataStats()
     examples = _load_examples(path, tokenizer, seq_len, stats, skip_bad_rows=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks = pack_examples(examples, seq_len, pad_id)
-    stats.eval_rows, stats.eval_tokens, stats.eval_label_tokens = len(blocks), int(blocks.attention_mask.sum()), blocks.label_tokens()
+    blocks = pack_examples(examples, seq_len, pad_id, packing)
+    stats.eval_rows, stats.eval_tokens, stats.eval_label_tokens = len(blocks), blocks.real_tokens(), blocks.label_tokens()
     return blocks, stats
 
 
-def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> TokenBlocks:
-    """Greedy first-fit packing, in order: each example goes into the first open row with room for it.
-
-    An example is never split across rows (none is longer than seq_len); rows are right-padded.
+def pack_examples(examples: list[Example], seq_len: int, pad_id: int, packing: str = "per-example") -> TokenBlocks:
+    """Greedy first-fit packing, in order: each example goes into the first open row with room for it
+    (packing "none": each example its own row). Rows are right-padded; an example is never split across
+    rows (none is longer than seq_len). Segment ids number the examples of a row from 1 (all 1 under
+    "contaminated": one segment per row).
     """
+    _check_packing(packing)
     rows: list[list[Example]] = []
     room: list[int] = []  # free positions per row
     open_rows: list[int] = []  # rows that still have room, oldest first
     for ex in examples:
         n = len(ex.input_ids)
-        r = next((r for r in open_rows if room[r] >= n), None)
+        r = next((r for r in open_rows if room[r] >= n), None) if packing != "none" else None
         if r is None:
             r = len(rows)
             rows.append([])
@@ -143,16 +165,24 @@ def pack_examples(examples: list[Example], seq_len: int, pad_id: int) -> TokenBl
         open_rows = [r for r in open_rows if room[r] > 0][-_MAX_OPEN_ROWS:]
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)  # (rows, seq_len)
     labels = torch.full((len(rows), seq_len), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
     for r, row in enumerate(rows):
         pos = 0
-        for ex in row:
+        for k, ex in enumerate(row, start=1):
             n = len(ex.input_ids)
             input_ids[r, pos:pos + n] = torch.tensor(ex.input_ids)
             labels[r, pos:pos + n] = torch.tensor(ex.labels)
-            attention_mask[r, pos:pos + n] = 1
+            segment_ids[r, pos:pos + n] = 1 if packing == "contaminated" else k
+            if packing != "contaminated":  # nothing predicts an example's first token, as when it runs alone
+                labels[r, pos] = IGNORE_INDEX
             pos += n
-    return TokenBlocks(input_ids, labels, attention_mask)
+    return TokenBlocks(input_ids, labels, segment_ids)
+
+
+def _check_packing(packing: str) -> None:
+    if packing not in PACKING:
+        raise QtuneError(f"Unknown --packing {packing!r}. Use per-example (the default: packed examples never see "
+                         "each other), none (one example per row) or contaminated (benchmarks only).")
 
 
 def _held_out_indices(n: int, fraction: float, seed: int) -> set[int]:

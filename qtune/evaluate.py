@@ -2,7 +2,8 @@
 folder (e.g. a merged export, loaded by plain transformers), scored the same way.
 
 Both are scored on the same blocks: the whole data file cut into --seq-len windows (instruction and
-chat rows packed as in training, only their answer tokens scored), in the same compute dtype, by the
+chat rows packed as in training, each attending to itself only under the default --packing per-example,
+only their answer tokens scored), in the same compute dtype, by the
 same loss (qtune.engine: the model's own head transforms included). So a merged export and the run it
 came from can be compared number for number.
 """
@@ -29,6 +30,7 @@ class Score:
     seq_len: int
     compute_dtype: str
     source: str        # "run RUN" or "model DIR"
+    packing: str = "per-example"
 
     @property
     def perplexity(self) -> float:
@@ -36,7 +38,8 @@ class Score:
 
     def to_json(self) -> dict:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "rows": self.rows,
-                "seq_len": self.seq_len, "compute_dtype": self.compute_dtype, "source": self.source}
+                "seq_len": self.seq_len, "compute_dtype": self.compute_dtype, "source": self.source,
+                "packing": self.packing}
 
     def __str__(self) -> str:
         return (f"{self.source}: loss {self.loss:.4f}, perplexity {self.perplexity:.3f} over {self.tokens:,} tokens "
@@ -86,7 +89,7 @@ def score(model, blocks, batch_size: int = 4, progress: bool = True) -> tuple[fl
     try:
         for i in range(0, len(blocks), batch_size):
             s = slice(i, i + batch_size)
-            loss, n = causal_lm_loss(model, blocks.input_ids[s], blocks.attention_mask[s], blocks.labels[s])
+            loss, n = causal_lm_loss(model, blocks.input_ids[s], blocks.segment_ids[s], blocks.labels[s])
             total, count = total + loss.item(), count + n
             bar.update(blocks.input_ids[s].shape[0])
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
@@ -97,13 +100,14 @@ def score(model, blocks, batch_size: int = 4, progress: bool = True) -> tuple[fl
 
 
 def evaluate_file(data: str, run_dir: str | None = None, model: str | None = None, seq_len: int | None = None,
-                  compute_dtype: str | None = None, batch_size: int = 4, progress: bool = True) -> Score:
+                  compute_dtype: str | None = None, batch_size: int = 4, progress: bool = True,
+                  packing: str = "per-example") -> Score:
     from qtune.data import load_blocks
 
     if not Path(data).exists():
         raise QtuneError(f"Data not found: {data}. Pass --data a .jsonl/.txt file or a folder of them.")
     m, tok, run_seq_len, dtype, source = load_scored_model(run_dir, model, compute_dtype, progress)
     seq_len = seq_len or run_seq_len or DEFAULT_SEQ_LEN
-    blocks, _ = load_blocks(data, tok, seq_len)
+    blocks, _ = load_blocks(data, tok, seq_len, packing)
     loss, tokens = score(m, blocks, batch_size, progress)
-    return Score(loss, tokens, len(blocks), seq_len, dtype, source)
+    return Score(loss, tokens, len(blocks), seq_len, dtype, source, packing)

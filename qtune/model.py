@@ -68,6 +68,8 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if engine.unsupported is not None:  # the generic path: its loss must be the model's own
         architectures.check_head(model, engine)
+        if cfg.packing == "per-example":
+            architectures.check_packing(model, engine)
     for m in model.modules():  # DoRA's ‖W‖²_row: an input of the compiled blocks, computed once
         if isinstance(m, DoRALinear):
             frozen_row_sq(m, dtype)
@@ -117,7 +119,7 @@ def evaluate(model: nn.Module, blocks, batch_size: int, max_batches: int = 0) ->
         if max_batches and b >= max_batches:
             break
         s = slice(i, min(i + batch_size, n))
-        loss, k = causal_lm_loss(model, blocks.input_ids[s], blocks.attention_mask[s], blocks.labels[s])
+        loss, k = causal_lm_loss(model, blocks.input_ids[s], blocks.segment_ids[s], blocks.labels[s])
         total, count = total + loss.item(), count + k
     model.train(was_training)
     return total / max(count, 1)

@@ -18,6 +18,9 @@ Each term is computed for qtune's own implementation (what its meter measures):
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
   adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
   internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
+- attention masks: qtune's block builds one additive (b, 1, t, t) mask per distinct sliding window,
+  block-diagonal over the packed examples (from a boolean one); transformers' forward (the generic path),
+  one boolean mask per layer type; they live from the forward to the end of backward.
 - logits: qtune's chunked cross-entropy holds, with torch.compile on, one vocabulary block's logits
   for a chunk of positions (bf16 head output + its bf16 exp) and the chunk's fp32 sums of exp·W;
   eagerly, one chunk's full-vocabulary logits (bf16 head output + fp32 logits, turned into the
@@ -44,7 +47,8 @@ from qtune.errors import QtuneError
 from qtune.precision import resolve_compute_dtype
 from qtune.engine import compiled as qcompile
 from qtune.engine.recompute import RecomputePolicy
-from qtune.engine.attention import choose_attention
+from qtune.engine.attention import choose_attention, mask_bytes
+from qtune.engine.block import layer_windows, unsupported_reason
 from qtune.engine.loss import (CE_BLOCK_BYTES_PER_LOGIT, CE_BLOCK_BYTES_PER_ROW_HIDDEN, CE_BYTES_PER_LOGIT,
                                CE_SOFTCAP_BYTES_PER_LOGIT, CE_VOCAB_BLOCK, ce_block_rows, ce_chunk_tokens)
 from qtune.model import compiles_layers
@@ -67,6 +71,7 @@ class Plan:
     trainable_params: int
 
     layer_inputs: int = 0
+    masks: int = 0  # the attention masks (part of activations)
     loss_phase: int = 0
     backward_phase: int = 0
 
@@ -95,7 +100,8 @@ class Plan:
         breakdown = {k: d[k] for k in ("base_weights", "adapter_params", "adapter_grads", "optimizer_states",
                                        "activations", "logits", "dequant_buffers")}
         out = {"total_bytes": self.total_bytes, "overhead_bytes": self.overhead_bytes, "breakdown": breakdown,
-               "peak_phase": self.peak_phase, "trainable_params": self.trainable_params}
+               "peak_phase": self.peak_phase, "trainable_params": self.trainable_params,
+               "attention_mask_bytes": self.masks}
         if device_memory is not None:
             out["device_memory_bytes"] = int(device_memory * 2**30)
             out["fits"] = self.total_bytes + self.overhead_bytes <= device_memory * 2**30
@@ -173,7 +179,6 @@ def backward_peak(stored: int, grads: int, layers: int) -> int:
 def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
     from qtune.adapters import ADAPTER_LAYERS, adapter_layer_for, layer_options, target_candidates
-    from qtune.engine.block import unsupported_reason
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
 
     if cfg.method not in ADAPTER_LAYERS:
@@ -255,6 +260,11 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
                 layer_inputs += L * b * t * config.hidden_size * c
                 if own:  # counted in dora_out's products above: kept now, not recomputed
                     saved -= b * t * config.hidden_size * c
+    # the attention masks, alive from the forward to the end of backward: qtune's block makes one additive
+    # (b, 1, t, t) mask per distinct window, block-diagonal over the packed examples; transformers' forward
+    # (the generic path) one boolean mask per layer type
+    windows = len(set(layer_windows(config)))
+    masks = mask_bytes(b, t, windows, c) if unsupported_reason(skeleton) is None else b * t * t * windows
     internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
     activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
@@ -273,9 +283,11 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         dequant = sum(sizes) // L * c
     else:
         dequant = max(sizes, default=0) * c
+    activations += masks
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
-                loss_phase=layer_inputs + logits,
-                backward_phase=backward_peak(activations - internals, grads, L) + internals + dequant)
+                loss_phase=layer_inputs + masks + logits,
+                backward_phase=backward_peak(activations - internals - masks, grads, L) + masks + internals + dequant,
+                masks=masks)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
 
@@ -336,6 +348,7 @@ def format_plan(p: Plan, cfg: TrainConfig, device_memory: float | None = None) -
     lines = [f"qtune plan: {cfg.method}, {cfg.bits}-bit base, r={cfg.rank}, batch {cfg.batch_size} x seq {cfg.seq_len}, "
              f"{cfg.optim}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"]
     lines += [f"  {name:<18}{gib(v)}" for name, v in rows]
+    lines.insert(6, f"    {'of which masks':<16}{gib(p.masks)}   (attention, {cfg.packing} packing)")
     lines += [f"  {'peak (tensors)':<18}{gib(p.total_bytes)}   at the {p.peak_phase} (persistent + that moment's terms)",
               f"  {'+ overhead':<18}{gib(p.overhead_bytes)}",
               f"  trainable params  {p.trainable_params:,}"]

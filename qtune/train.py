@@ -57,7 +57,9 @@ def resume_config(run_dir: Path, flags: dict) -> TrainConfig:
 
     if not (Path(run_dir) / "run.yaml").is_file():
         raise QtuneError(f"Cannot resume: {run_dir} has no run.yaml. Check --output, or start a new run without --resume.")
-    saved = TrainConfig.from_dict(load_run_yaml(run_dir))
+    values = load_run_yaml(run_dir)
+    values.setdefault("packing", "contaminated")  # a run from before --packing attended across its packed examples
+    saved = TrainConfig.from_dict(values)
     saved.output = str(run_dir)  # the folder being resumed, wherever the run was first written
     given = TrainConfig.from_dict({**saved.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
     if given.compute_dtype == "auto":  # what it picks on this machine is what must match the run's dtype
@@ -145,7 +147,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     model, tokenizer, model_dir, init_report = build_model(cfg, run_dir, progress=progress, meter=meter)
     model.to(device)
     train_rows, eval_rows, stats = load_splits(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len,
-                                               seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows)
+                                               seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, packing=cfg.packing)
     check_vocab(train_rows, eval_rows, model)
     if not resume or not (run_dir / MASK_FILE).is_file():  # RoSA layers (if any) get their sparse support
         mask_batches = ({k: v.to(device) for k, v in _rows_dict(train_rows, micro_batch_rows(k, len(train_rows),
@@ -172,7 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     method_cls.start_training(layers, total_steps, run_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _log(metrics_path, {"event": "start", "step": step, "trainable_params": trainable, "total_steps": total_steps,
-                        "data": vars(stats), "model_dir": str(model_dir), "device": str(device),
+                        "data": vars(stats), "packing": cfg.packing, "model_dir": str(model_dir), "device": str(device),
                         "init_report": init_report})
     if step == 0:
         _log(metrics_path, {"step": 0, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches)})
@@ -187,7 +189,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         batches = [micro_batch_rows(micro_index + k, len(train_rows), cfg.batch_size, cfg.seed)
                    for k in range(cfg.grad_accum)]
         micro = [{k: t[rows].to(device) for k, t in (("input_ids", train_rows.input_ids),
-                                                     ("attention_mask", train_rows.attention_mask),
+                                                     ("segment_ids", train_rows.segment_ids),
                                                      ("labels", train_rows.labels))} for rows in batches]
         result = train_step(model, optimizer, scheduler, micro, cfg.max_grad_norm)
         last_loss = result["loss"]
@@ -235,18 +237,18 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[dict],
                max_grad_norm: float = 0.0) -> dict:
-    """One optimizer step over `micro_batches` (dicts of input_ids, attention_mask, labels on the model's
+    """One optimizer step over `micro_batches` (dicts of input_ids, segment_ids, labels on the model's
     device): the loss is the mean over all their labelled tokens (plus the adapters' extra loss terms),
     then gradient clipping, the update, the schedule and the adapters' after-step hooks.
     Returns {"loss", "lr", "grad_norm", "tokens", "label_tokens"}; used by train() and by tools/."""
     n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-    n_input = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    n_input = sum(int((b["segment_ids"] > 0).sum()) for b in micro_batches)
     layers = adapter_layers(model)
     adapters = list(layers.values())
     loss_sum = 0.0
     with engine_of(model).parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once
         for b in micro_batches:
-            loss, _ = causal_lm_loss(model, b["input_ids"], b["attention_mask"], b["labels"])
+            loss, _ = causal_lm_loss(model, b["input_ids"], b["segment_ids"], b["labels"])
             (loss / max(n_labels, 1)).backward()
             loss_sum += loss.item()
     extra = [t for t in (a.extra_loss() for a in adapters) if t is not None]
@@ -312,7 +314,7 @@ def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def _rows_dict(blocks, rows: torch.Tensor) -> dict:
-    return {"input_ids": blocks.input_ids[rows], "attention_mask": blocks.attention_mask[rows],
+    return {"input_ids": blocks.input_ids[rows], "segment_ids": blocks.segment_ids[rows],
             "labels": blocks.labels[rows]}
 
 

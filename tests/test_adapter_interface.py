@@ -92,9 +92,9 @@ def test_train_step_adds_the_extra_loss_to_the_loss_and_its_gradient(tiny_llama,
         for a in adapters:
             a.scale_vector.uniform_(0.9, 1.1)
     ids = torch.randint(3, model.config.vocab_size, (2, 16))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch = {"input_ids": ids, "segment_ids": torch.ones_like(ids), "labels": ids.clone()}
     params = [a.scale_vector for a in adapters]
-    loss, n = causal_lm_loss(model, ids, batch["attention_mask"], batch["labels"])
+    loss, n = causal_lm_loss(model, ids, batch["segment_ids"], batch["labels"])
     want = loss / n + sum(a.extra_loss() for a in adapters)
     want_grads = torch.autograd.grad(want, params)
     before = [p.detach().clone() for p in params]

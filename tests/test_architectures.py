@@ -109,7 +109,7 @@ def batch(pad_row: bool = True) -> dict:
         mask[1, -5:] = 0
         ids[1, -5:] = tok.pad_token_id
     labels = ids.masked_fill(mask == 0, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "segment_ids": mask, "labels": labels}
 
 
 def run_config(folder, **kw) -> TrainConfig:
@@ -147,14 +147,14 @@ def test_step0_loss_equals_transformers_on_the_dequantized_weights(arch, tiny):
     model.eval()
     with torch.no_grad():
         want = ref(**b).loss
-        total, count = engine.loss(b["input_ids"], b["attention_mask"], b["labels"])
+        total, count = engine.loss(b["input_ids"], b["segment_ids"], b["labels"])
     assert count == int((b["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(total / count, want, rtol=1e-5, atol=0)
     assert (arch in HEAD_TRANSFORMED) == (not engine.head.plain), engine.head
     if not engine.head.plain:  # the transform matters on these logits: without it the loss is another
         engine.head = Head()
         with torch.no_grad():
-            plain_total, _ = engine.loss(b["input_ids"], b["attention_mask"], b["labels"])
+            plain_total, _ = engine.loss(b["input_ids"], b["segment_ids"], b["labels"])
         assert abs(plain_total / count - want) > 1e-3 * want, (plain_total / count, want)
 
 

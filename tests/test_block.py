@@ -155,7 +155,7 @@ def test_block_equals_transformers_layer(case, kernel):
         weight = torch.randn(b, t, hidden, generator=g)
         position_ids = torch.arange(t)[None].expand(b, -1)
         cos, sin = rotation(model, x, i)
-        q_cos, q_sin = position_embeddings(model, x)[i]
+        q_cos, q_sin = position_embeddings(model, x, position_ids)[i]
         assert torch.equal(q_cos, cos) and torch.equal(q_sin, sin)
         bias = attention_bias(mask, torch.float32, windows[i])
         params = dict(layer.named_parameters())

@@ -262,7 +262,7 @@ def test_the_default_run_compiles_every_layer_at_the_embedded_models_shapes(tmp_
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ids = torch.randint(3, config.vocab_size, (defaults.batch_size, defaults.seq_len))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch = {"input_ids": ids, "segment_ids": torch.ones_like(ids), "labels": ids.clone()}
     result = train_step(model, optimizer, scheduler, [batch], cfg.max_grad_norm)
     assert result["loss"] > 0
     report = model.qtune_engine.execution_report(1)

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+from qtune.engine.attention import segment_positions
 from qtune.data import IGNORE_INDEX, TokenBlocks, Example, default_data_path, load_splits, pack_examples
 from qtune.errors import QtuneError
 from conftest import SENTENCES, make_tokenizer
@@ -47,9 +48,12 @@ def test_text_windows_cover_every_token(tmp_path, tokenizer):
     train, eval_, stats = load_splits(tmp_path, None, tokenizer, 32, eval_fraction=0)
     assert stats.documents == 2 and stats.windows == math.ceil(len(stream) / 32) and len(eval_) == 0
     assert real_tokens(train) == stream  # consecutive windows, nothing truncated, the last one padded
-    assert stats.train_tokens == len(stream) == train.label_tokens()
+    # every token is learned but a window's first, which nothing before it in its row predicts
+    assert stats.train_tokens == len(stream) and train.label_tokens() == len(stream) - stats.windows
     mask = train.attention_mask == 1
-    assert torch.equal(train.labels[mask], train.input_ids[mask])  # every token is learned
+    first = mask & (segment_positions(train.segment_ids) == 0)
+    assert int(first.sum()) == stats.windows and (train.labels[first] == IGNORE_INDEX).all()
+    assert torch.equal(train.labels[mask & ~first], train.input_ids[mask & ~first])
     assert (train.labels[~mask] == IGNORE_INDEX).all() and (train.input_ids[~mask] == tokenizer.pad_token_id).all()
 
     train, eval_, stats = load_splits(tmp_path, None, tokenizer, 32, eval_fraction=0.2)
@@ -108,6 +112,49 @@ def test_first_fit_packing_never_splits_an_example():
     # first fit, in order: 10+20+30 (room 4: the 3 fits there later), 5+40, 64
     assert rows == [[1] * 10 + [2] * 20 + [3] * 30 + [7] * 3, [4] * 5 + [5] * 40, [6] * 64]
     assert blocks.attention_mask.sum(1).tolist() == [63, 45, 64]
+
+
+def test_packed_rows_carry_each_examples_segment_and_positions():
+    lengths = [10, 20, 30, 5, 40, 64, 3]
+    examples = [Example([k + 1] * n, [k + 1] * n) for k, n in enumerate(lengths)]
+    blocks = pack_examples(examples, 64, pad_id=0)
+    want = [[1] * 10 + [2] * 20 + [3] * 30 + [4] * 3 + [0], [1] * 5 + [2] * 40 + [0] * 19, [1] * 64]
+    assert blocks.segment_ids.tolist() == want
+    positions = segment_positions(blocks.segment_ids).tolist()
+    assert positions[0] == list(range(10)) + list(range(20)) + list(range(30)) + list(range(3)) + [0]
+    assert positions[1] == list(range(5)) + list(range(40)) + list(range(19))  # padding: a segment of its own
+    assert positions[2] == list(range(64))
+    # nothing predicts an example's first token (as when it runs alone); the rest of each keeps its labels
+    starts = segment_positions(blocks.segment_ids) == 0
+    assert (blocks.labels[starts] == IGNORE_INDEX).all()
+    assert torch.equal(blocks.labels[~starts & (blocks.segment_ids > 0)], blocks.input_ids[~starts & (blocks.segment_ids > 0)])
+
+    contaminated = pack_examples(examples, 64, pad_id=0, packing="contaminated")  # the same rows, one segment each
+    assert torch.equal(contaminated.input_ids, blocks.input_ids)
+    assert torch.equal(contaminated.segment_ids, contaminated.attention_mask)
+    assert torch.equal(contaminated.labels[:, 1:], torch.where(contaminated.attention_mask.bool(), contaminated.input_ids,
+                                                                IGNORE_INDEX)[:, 1:])
+
+    alone = pack_examples(examples, 64, pad_id=0, packing="none")  # one example per row, in order
+    assert [int(r.sum()) for r in alone.attention_mask] == lengths
+    assert torch.equal(alone.segment_ids, alone.attention_mask)
+    with pytest.raises(QtuneError, match="--packing"):
+        pack_examples(examples, 64, pad_id=0, packing="greedy")
+
+
+@pytest.mark.parametrize("packing", ["per-example", "none", "contaminated"])
+def test_long_examples_are_truncated_and_counted_under_every_packing(tmp_path, tokenizer, packing):
+    rows = [{"instruction": f"Say {k}", "output": "ok"} for k in range(6)]
+    rows.append({"instruction": "Tell a long story", "output": "the quick brown fox " * 40})
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    train, _, stats = load_splits(path, None, tokenizer, 64, eval_fraction=0, packing=packing)
+    assert stats.truncated == 1 and stats.examples == 7
+    assert int(train.attention_mask.sum(1).max()) == 64  # the long one fills a row of its own
+    segments_per_row = [len(set(r.tolist()) - {0}) for r in train.segment_ids]
+    if packing == "per-example":
+        assert max(segments_per_row) > 1 and len(train) < 7
+    else:
+        assert segments_per_row == [1] * len(train) and (len(train) == 7) == (packing == "none")
 
 
 def test_short_rows_are_packed_and_long_rows_truncated(tmp_path, tokenizer):

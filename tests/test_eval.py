@@ -56,12 +56,33 @@ def test_eval_of_a_run_is_the_cross_entropy_of_its_model(run_and_data, which):
     assert result.seq_len == 32 and result.compute_dtype == "float32"  # the run's
     _, model, tok, _, _ = load_run(run, progress=False, compute_dtype="float32")
     blocks, _ = load_blocks(str(data), tok, 32)
-    want, tokens = reference_loss(model, blocks)
+    # transformers on one example per row: what per-example packing must score (each example alone)
+    want, tokens = reference_loss(model, load_blocks(str(data), tok, 32, packing="none")[0])
     assert result.tokens == tokens and result.rows == len(blocks)
     if which == "chat":  # only the answers are scored
         assert tokens < int(blocks.attention_mask.sum()) - len(blocks)
     assert result.loss == pytest.approx(want, rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(want), rel=1e-5)
+
+
+def test_eval_packing_scores_each_example_as_if_alone(run_and_data):
+    """Per-example packing (the default) scores a packed chat file as transformers scores each example in
+    a row of its own; contaminated packing (the old behaviour) as transformers scores the packed rows
+    under a plain 2-D mask, which is another number."""
+    run, _, chat = run_and_data
+    _, model, tok, _, _ = load_run(run, progress=False, compute_dtype="float32")
+    packed, _ = load_blocks(str(chat), tok, 128)
+    alone, _ = load_blocks(str(chat), tok, 128, packing="none")
+    assert max(len(set(r.tolist()) - {0}) for r in packed.segment_ids) >= 3 and len(alone) > len(packed)
+    want, tokens = reference_loss(model, alone)
+    for packing, rows in (("per-example", len(packed)), ("none", len(alone))):
+        result = evaluate_file(str(chat), run_dir=str(run), seq_len=128, progress=False, packing=packing)
+        assert (result.tokens, result.rows, result.packing) == (tokens, rows, packing)
+        assert result.loss == pytest.approx(want, rel=1e-5)
+    contaminated = evaluate_file(str(chat), run_dir=str(run), seq_len=128, progress=False, packing="contaminated")
+    old, _ = load_blocks(str(chat), tok, 128, packing="contaminated")
+    assert contaminated.loss == pytest.approx(reference_loss(model, old)[0], rel=1e-5)
+    assert abs(contaminated.loss - want) > 1e-3 * want
 
 
 def test_eval_of_the_merged_export_matches_the_run(run_and_data, tmp_path):

@@ -80,6 +80,20 @@ def test_dora_plan_counts_its_kept_products_and_its_stash(tiny_llama, monkeypatc
                                                                                          recompute="full"))
 
 
+def test_plan_counts_the_attention_masks(tiny_llama):
+    """qtune's block: one additive (b, 1, t, t) mask per distinct window plus the boolean one it is made from,
+    alive through both phases of the step (Gemma-2 alternates a sliding and a global window: two masks)."""
+    b, t = 3, 512
+    base = dict(compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t)
+    p = plan_memory(TrainConfig(model=str(tiny_llama), **base))
+    assert p.masks == b * t * t * (2 + 1) and p.to_json()["attention_mask_bytes"] == p.masks
+    gemma = plan_memory(TrainConfig(model="examples/configs/gemma-2-9b.json", **base))
+    assert gemma.masks == b * t * t * (2 * 2 + 1)
+    longer = plan_memory(TrainConfig(model=str(tiny_llama), **{**base, "seq_len": 2 * t}))
+    assert longer.masks == 4 * p.masks
+    assert p.loss_phase - p.layer_inputs - p.logits == p.masks  # counted in the peak
+
+
 def test_checkpointing_and_8bit_optimizer_lower_the_plan(tiny_llama):
     base = dict(model=str(tiny_llama), rank=32, batch_size=4, seq_len=1024)  # long enough for sdpa either way
     on, off = plan_memory(TrainConfig(**base)), plan_memory(TrainConfig(**base, gradient_checkpointing=False))

@@ -156,7 +156,7 @@ def make_batches(vocab: int, n: int = 2):
     batches = []
     for _ in range(n):
         ids = torch.randint(3, vocab, (2, 12), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        batches.append({"input_ids": ids, "segment_ids": torch.ones_like(ids), "labels": ids.clone()})
     return batches
 
 

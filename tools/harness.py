@@ -170,9 +170,10 @@ def load_data(work: Path) -> dict:
 
 
 def batch_of(data: dict, s: int) -> dict:
-    """Micro-batch `s` of the prepared order: {input_ids, attention_mask, labels}."""
+    """Micro-batch `s` of the prepared order for qtune: {input_ids, segment_ids, labels}. The rows are plain-text
+    windows, one document each, so their attention mask is their segment ids (qtune.data.TokenBlocks)."""
     rows = data["order"][s]
-    return {"input_ids": data["input_ids"][rows], "attention_mask": data["attention_mask"][rows],
+    return {"input_ids": data["input_ids"][rows], "segment_ids": data["attention_mask"][rows],
             "labels": data["labels"][rows]}
 
 

@@ -92,7 +92,8 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
             return {"unavailable": str(e)}
         raise
     before = run.heldout(data)
-    res = train_loop(lambda ids, mask, labels: run.step({"input_ids": ids, "attention_mask": mask,
+    # the bench's rows are plain-text windows, one document each: their attention mask is their segment ids
+    res = train_loop(lambda ids, mask, labels: run.step({"input_ids": ids, "segment_ids": mask,
                                                          "labels": labels})["loss"], data, warmup, steps, gate)
     res["execution"] = run.execution()  # which path the layers ran: a speed figure must say
     train_rss = peak_rss_bytes()

@@ -21,6 +21,7 @@ from qtune.adapters.dora import DoRALinear
 from qtune.architectures import decoder, head_of
 from qtune.engine.block import (activation, biases, block_compile_reason, decoder_block, embed, final_norm, position_embeddings,
                                 unsupported_reason)
+from qtune.engine.attention import segment_positions
 from qtune.engine.compiled import COMPILED, BlockRunner
 from qtune.engine.fused import STEP_NORMS
 from qtune.engine.linear import route_adapters
@@ -46,16 +47,24 @@ class Engine:
         self.runner = BlockRunner(context_fn)
         self._warned = False
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The final normed hidden states (b, t, hidden)."""
+    def hidden_states(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states (b, t, hidden).
+
+        segment_ids (b, t): 0 for padding, k ≥ 1 for the k-th packed example of a row (a 0/1 attention
+        mask is one example per row). Each token attends to the earlier tokens of its own example only,
+        at positions that restart from 0 for each example (qtune.data's packing)."""
+        positions = segment_positions(segment_ids)
         if self.unsupported is not None:  # transformers' forward; checkpointing is transformers' own
             if torch.is_grad_enabled():
                 n = self.model.config.get_text_config().num_hidden_layers
                 self.runner.paths = {i: f"generic ({self.unsupported})" for i in range(n)}
-            return decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # transformers' packed format: no 2-D mask and position ids that restart per example, from which
+            # its mask functions make each layer type's block-diagonal mask (sliding windows included)
+            return decoder(self.model)(input_ids=input_ids, attention_mask=None,
+                                       position_ids=positions).last_hidden_state
         h = embed(self.model, input_ids)
-        rotations = position_embeddings(self.model, h)
-        masks = biases(self.model, attention_mask, h.dtype)
+        rotations = position_embeddings(self.model, h, positions)
+        masks = biases(self.model, segment_ids, h.dtype)
         p, act = self.policy, activation(self.model.config)
         for i, layer in enumerate(self.model.model.layers):
             probe()
@@ -68,21 +77,21 @@ class Engine:
         probe()
         return final_norm(self.model, h)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         """(b, t, vocab) logits in the compute dtype (all at once: for scoring, not for training)."""
-        return self.head.apply(self.model.get_output_embeddings()(self.hidden_states(input_ids, attention_mask)))
+        return self.head.apply(self.model.get_output_embeddings()(self.hidden_states(input_ids, segment_ids)))
 
     def mean_loss(self, batch: dict) -> torch.Tensor:
         """The mean next-token cross-entropy of a batch from its full fp32 logits, as transformers' own
         loss computes it (RoSA's support selection ranks gradients of this)."""
-        logits = self.logits(batch["input_ids"], batch["attention_mask"])
+        logits = self.logits(batch["input_ids"], batch["segment_ids"])
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                                ignore_index=IGNORE_INDEX)
 
-    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    def loss(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, labels: torch.Tensor,
              chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
         """(sum of next-token cross-entropy over labelled tokens, their count)."""
-        hidden = self.hidden_states(input_ids, attention_mask)
+        hidden = self.hidden_states(input_ids, segment_ids)
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is None:
             return token_loss(hidden, head.weight, labels, chunk_tokens, self.head.scale, self.head.softcap)
@@ -142,10 +151,11 @@ def engine_of(model: nn.Module) -> Engine:
     return engine
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, segment_ids: torch.Tensor, labels: torch.Tensor,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over labelled tokens, their count) through the model's engine."""
-    return engine_of(model).loss(input_ids, attention_mask, labels, chunk_tokens)
+    """(sum of next-token cross-entropy over labelled tokens, their count) through the model's engine;
+    segment_ids as Engine.hidden_states takes them (a 0/1 attention mask is one example per row)."""
+    return engine_of(model).loss(input_ids, segment_ids, labels, chunk_tokens)
 
 
 __all__ = ["Engine", "RecomputePolicy", "causal_lm_loss", "engine_of", "IGNORE_INDEX"]

@@ -34,17 +34,37 @@ def eager_scores_bytes(config, batch: int, seq: int, compute_dtype: str = "bfloa
     return batch * config.num_attention_heads * seq * seq * (4 + c)
 
 
-def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
-    """Additive mask (b, 1, t, t): 0 where query i may see key j (j ≤ i, j a real token, and i − j < window
-    when there is a sliding window), the dtype's minimum elsewhere (as transformers' eager mask)."""
-    t = attention_mask.shape[-1]
-    pos = torch.arange(t, device=attention_mask.device)
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(b, t) position of each token within its segment: 0, 1, … restarting wherever the segment id
+    changes (packed examples each start at 0, as they would alone; padding is a segment of its own)."""
+    t = segment_ids.shape[-1]
+    index = torch.arange(t, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
+def attention_bias(segment_ids: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive mask (b, 1, t, t): 0 where query i may see key j (j ≤ i, j in i's segment, and i − j < window
+    when there is a sliding window), the dtype's minimum elsewhere (as transformers' eager mask).
+
+    segment_ids (b, t): 0 for padding, k ≥ 1 for the k-th example of a row; a 0/1 attention mask is one
+    segment per row. Padding attends to padding only, so no row of the mask is empty. Within a segment
+    i − j is the same in per-example positions, so the window needs no positions."""
+    t = segment_ids.shape[-1]
+    pos = torch.arange(t, device=segment_ids.device)
     allowed = pos[None, :] <= pos[:, None]                                # (t, t) causal
     if window is not None:
         allowed = allowed & (pos[None, :] > pos[:, None] - window)
-    allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()  # (b, 1, t, t)
-    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill_(
+    allowed = allowed[None, None] & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # (b, 1, t, t)
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)
+
+
+def mask_bytes(batch: int, seq: int, windows: int, compute_bytes: int) -> int:
+    """The additive masks of one forward (one per distinct window, kept until backward) and the boolean
+    one each is made from."""
+    return batch * seq * seq * (windows * compute_bytes + 1)
 
 
 @maybe_compile

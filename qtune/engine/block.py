@@ -202,12 +202,12 @@ def block_compile_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def position_embeddings(model: nn.Module, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's (cos, sin) (b, t, rotary dims) for positions 0..t-1, from the model's own rotary module
-    (its scaling; Gemma-3's per layer type, local and global, with their two bases)."""
+def position_embeddings(model: nn.Module, h: torch.Tensor, position_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (cos, sin) (b, t, rotary dims) at position_ids (b, t) (per example: restarting at each
+    packed example), from the model's own rotary module (its scaling; Gemma-3's per layer type, local and
+    global, with their two bases)."""
     import inspect
 
-    position_ids = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
     rotary_emb = model.model.rotary_emb
     types = getattr(model.config, "layer_types", None)
     if types is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters:
@@ -230,12 +230,13 @@ def final_norm(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return _norm(model.model.norm, h)
 
 
-def biases(model: nn.Module, attention_mask: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Each layer's additive attention mask (layers with the same window share one)."""
+def biases(model: nn.Module, segment_ids: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each layer's additive attention mask, block-diagonal over the packed examples (segment_ids, see
+    qtune.engine.attention.attention_bias); layers with the same window share one."""
     made = {}
     out = []
     for window in layer_windows(model.config):
         if window not in made:
-            made[window] = attention_bias(attention_mask, dtype, window)
+            made[window] = attention_bias(segment_ids, dtype, window)
         out.append(made[window])
     return out
