@@ -56,6 +56,7 @@ def test_train_resume_and_refusals(tiny_llama, corpus, tmp_path):
     (["--optim", "sgd"], "unknown --optim"),
     (["--rank", "0"], "--rank must be positive"),
     (["--seq-len", "0"], "--seq-len must be positive"),
+    (["--packing", "greedy"], "--packing"),
     (["--rank", "100"], "larger than layer"),
     (["--data", "/no/such/data.jsonl"], "not found"),
 ])

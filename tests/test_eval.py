@@ -98,11 +98,16 @@ def test_eval_of_the_merged_export_matches_the_run(run_and_data, tmp_path):
 
 
 def test_eval_cli_json_and_errors(run_and_data, tmp_path):
-    run, held, _ = run_and_data
+    run, held, chat = run_and_data
     res = CliRunner().invoke(main, ["eval", "--run", str(run), "--data", str(held), "--seq-len", "16", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["seq_len"] == 16 and out["tokens"] > 0 and out["perplexity"] == pytest.approx(math.exp(out["loss"]))
+    assert out["packing"] == "per-example"
+    res = CliRunner().invoke(main, ["eval", "--run", str(run), "--data", str(chat), "--packing", "none", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output.strip().splitlines()[-1])["packing"] == "none", res.output
+    res = CliRunner().invoke(main, ["eval", "--run", str(run), "--data", str(held), "--packing", "greedy"])
+    assert res.exit_code == 2 and "--packing" in res.output
     res = CliRunner().invoke(main, ["eval", "--data", str(held)])
     assert res.exit_code == 2 and "exactly one of --run" in res.output
     res = CliRunner().invoke(main, ["eval", "--run", str(run), "--data", str(tmp_path / "nope.jsonl")])
