@@ -98,3 +98,13 @@ def test_a_tokenizer_from_another_model_is_named(tmp_path, corpus):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     res = run("train", *tiny_args(folder, corpus, tmp_path / "run"))
     assert res.exit_code == 2 and "does not belong to this model" in res.output, res.output
+
+
+def test_python_dash_m_qtune_is_the_command_line():
+    """`python -m qtune` (what `torchrun -m qtune` runs) is the same click group as the `qtune` script."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "qtune", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Usage: qtune train" in res.stdout and "--packing" in res.stdout
