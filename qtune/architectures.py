@@ -148,20 +148,28 @@ def head_of(config) -> Head:
 
 
 @torch.no_grad()
-def check_head(model: nn.Module, engine) -> None:
-    """At start, on the generic path: qtune's logits (decoder + head + Head transforms) equal the model's own
-    `forward` on a few tokens; a transform qtune does not know would make its loss not the model's."""
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.arange(1, min(9, vocab), device=model.get_output_embeddings().weight.device)[None]
+def _probe(model: nn.Module, ours, theirs) -> tuple[float, float]:
+    """(max |ours() − theirs()| / max |theirs()|, the tolerance of the model's dtype) in eval mode on a probe."""
     was = model.training
     model.eval()
     try:
-        theirs = model(input_ids=ids).logits.float()
-        ours = engine.logits(ids, torch.ones_like(ids)).float()
+        a, b = ours().float(), theirs().float()
     finally:
         model.train(was)
     tol = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 3e-2
-    err = (ours - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-6)
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-6), tol
+
+
+def _probe_ids(model: nn.Module, n: int) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    return torch.arange(1, min(n + 1, vocab), device=model.get_output_embeddings().weight.device)[None]
+
+
+def check_head(model: nn.Module, engine) -> None:
+    """At start, on the generic path: qtune's logits (decoder + head + Head transforms) equal the model's own
+    `forward` on a few tokens; a transform qtune does not know would make its loss not the model's."""
+    ids = _probe_ids(model, 8)
+    err, tol = _probe(model, lambda: engine.logits(ids, torch.ones_like(ids)), lambda: model(input_ids=ids).logits)
     if not err <= tol:
         raise QtuneError(f"qtune's loss would not be {model.config.model_type!r}'s own: its logits differ from the "
                          f"model's forward by {err:.2%} (relative) on a probe, so its head applies a transform qtune "
@@ -173,22 +181,13 @@ def check_packing(model: nn.Module, engine) -> None:
     format (qtune.engine: no 2-D mask, position ids restarting per example), i.e. the second of two packed
     examples gets the logits it has alone. A model whose forward builds its own mask would attend across
     them; it is refused by name rather than trained on context it will never see."""
-    vocab = model.config.get_text_config().vocab_size
-    device = model.get_output_embeddings().weight.device
-    ids = torch.arange(1, min(13, vocab), device=device)[None]
-    n = ids.shape[1]
+    ids = _probe_ids(model, 12)
+    half = ids.shape[1] // 2
     segments = torch.ones_like(ids)
-    segments[:, n // 2:] = 2
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            packed = engine.logits(ids, segments)[:, n // 2:].float()
-            alone = engine.logits(ids[:, n // 2:], torch.ones_like(ids[:, n // 2:])).float()
-    finally:
-        model.train(was)
-    tol = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 3e-2
-    err = (packed - alone).abs().max().item() / max(alone.abs().max().item(), 1e-6)
+    segments[:, half:] = 2
+    second = ids[:, half:]
+    err, tol = _probe(model, lambda: engine.logits(ids, segments)[:, half:],
+                      lambda: engine.logits(second, torch.ones_like(second)))
     if not err <= tol:
         raise QtuneError(f"{model.config.model_type!r} does not keep packed examples apart: on a probe, an example "
                          f"packed after another gets logits {err:.2%} (relative) off its own, so its forward ignores "
