@@ -89,12 +89,13 @@ class _AtomicFolder:
 
 
 def save_checkpoint(folder: Path, adapter: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, scheduler=None) -> Path:
-    """Write a complete checkpoint at `folder` (atomically). Errors such as a full disk leave no folder."""
+                    trainer_state: dict, scheduler=None, optimizer_state: dict | None = None) -> Path:
+    """Write a complete checkpoint at `folder` (atomically). Errors such as a full disk leave no folder.
+    optimizer_state: the optimizer's state_dict as given (fsdp's, gathered whole); None: optimizer.state_dict()."""
     try:
         with atomic_folder(folder) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in adapter.items()}, tmp / "adapter.safetensors")
-            tensors, meta = flatten_optimizer_state(optimizer.state_dict())
+            tensors, meta = flatten_optimizer_state(optimizer.state_dict() if optimizer_state is None else optimizer_state)
             save_file(tensors, tmp / "optimizer.safetensors")
             state = dict(trainer_state, optimizer=meta,
                          scheduler=scheduler.state_dict() if scheduler is not None else None)

@@ -141,13 +141,64 @@ def _train_options(fn):
     return fn
 
 
-@main.command(epilog=EPILOG)
+LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")  # the launcher's, not the workers'
+DISTRIBUTED_EPILOG = """\b
+Several processes (torch.distributed; gloo on the CPU, nccl on GPUs):
+  qtune train --nproc-per-node 2 --data chat.jsonl          # ddp: 2 workers, batch 4 each = one process's batch 8
+  qtune train --nproc-per-node 2 --distributed fsdp …       # each rank holds half the quantized base
+  torchrun --nproc-per-node 2 -m qtune train …              # the same, started by hand
+  qtune train --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 …   # two machines
+"""
+
+
+def _worker_args(command: click.Command, params: dict) -> list[str]:
+    """The flags a worker gets: those given, as given, less the launcher's own."""
+    out = []
+    for opt in command.params:
+        value = params.get(opt.name)
+        if not isinstance(opt, click.Option) or opt.name in LAUNCH_OPTIONS or value is None or value is False \
+                and opt.is_flag and not opt.secondary_opts:
+            continue
+        if opt.is_flag and opt.secondary_opts:
+            out.append(opt.opts[0] if value else opt.secondary_opts[0])
+        elif opt.is_flag:
+            out.append(opt.opts[0])
+        else:
+            out += [opt.opts[0], str(value)]
+    return out
+
+
+@main.command(epilog=EPILOG + DISTRIBUTED_EPILOG)
 @_train_options
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR (--output) from its last complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --output folder.")
+@click.option("--nproc-per-node", type=int, default=None,
+              help="Train on N processes of this machine (one per GPU; on the CPU each gets cores/N threads), started "
+                   "through torchrun's API. Their global batch is N x --batch-size.")
+@click.option("--distributed", type=click.Choice(["ddp", "fsdp"]), default=None,
+              help="With several processes: ddp (each holds the whole quantized base; default) or fsdp (each holds "
+                   "1/N of it; chosen for you when the plan says the base does not fit one device).")
+@click.option("--nnodes", default="1", show_default=True, help="Machines (torchrun's --nnodes; e.g. 2, or 1:4).")
+@click.option("--node-rank", type=int, default=None, help="This machine's rank (torchrun's --node-rank).")
+@click.option("--rdzv-endpoint", default=None, help="host:port of the rendezvous, for several machines (torchrun's).")
+@click.option("--rdzv-id", default=None, help="The run's rendezvous id, the same on every machine (torchrun's).")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
-def train(config_file, resume, overwrite, debug, **flags):
+def train(config_file, resume, overwrite, nproc_per_node, distributed, nnodes, node_rank, rdzv_endpoint, rdzv_id,
+          debug, **flags):
     """Fine-tune: quantized base + adapters; writes run.yaml, metrics.jsonl, checkpoints/, loss.png."""
+    from qtune.distributed import under_torchrun
+
+    if nproc_per_node is not None and not under_torchrun():
+        def start():
+            from qtune.distributed import launch
+
+            strategy = distributed or _default_strategy(config_file, flags, nproc_per_node)
+            params = dict(click.get_current_context().params)
+            return launch(["train", *_worker_args(train, params)], nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id,
+                          strategy)
+
+        code = _run(start, debug)
+        sys.exit(code)
 
     def go():
         from qtune.config import TrainConfig
@@ -164,12 +215,42 @@ def train(config_file, resume, overwrite, debug, **flags):
             cfg = resume_config(Path(out), given)
         else:
             cfg = TrainConfig.from_sources(config_file, **flags)
-        summary = run_train(cfg, resume=resume, overwrite=overwrite)
+        summary = run_train(cfg, resume=resume, overwrite=overwrite, distributed=distributed)
+        if summary is None:  # a worker other than rank 0: rank 0 reports
+            return
         click.echo(f"qtune: done: {summary['steps']} steps; held-out loss {summary['eval_loss_before']:.4f} -> "
                    f"{summary['eval_loss_after']:.4f}; median {summary['median_tokens_per_s']:.0f} tokens/s; "
                    f"run folder {cfg.output}")
 
     _run(go, debug)
+
+
+def _default_strategy(config_file, flags: dict, nproc: int) -> str:
+    """ddp, unless the plan says one process's run does not fit one device and fsdp's rank would: then fsdp,
+    and qtune says so."""
+    import torch
+
+    from qtune.config import TrainConfig
+    from qtune.plan import plan_memory
+    from qtune.train import device_memory_bytes
+
+    try:
+        cfg = TrainConfig.from_sources(config_file, **flags)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        have = device_memory_bytes(torch.device(dev)) // (1 if dev == "cuda" else nproc)
+        ddp = plan_memory(cfg, dev, nproc, "ddp")
+        if ddp.total_bytes + ddp.overhead_bytes <= have:
+            return "ddp"
+        fsdp = plan_memory(cfg, dev, nproc, "fsdp")
+    except Exception:  # noqa: BLE001 - the plan is advice; the workers report a bad configuration by name
+        return "ddp"
+    if fsdp.total_bytes + fsdp.overhead_bytes <= have:
+        click.echo(f"qtune: the plan needs {(ddp.total_bytes + ddp.overhead_bytes) / 2**30:.1f} GiB per process with "
+                   f"ddp, more than the {have / 2**30:.1f} GiB of each device, and "
+                   f"{(fsdp.total_bytes + fsdp.overhead_bytes) / 2**30:.1f} GiB with fsdp: using --distributed fsdp.",
+                   err=True)
+        return "fsdp"
+    return "ddp"
 
 
 @main.command(epilog="""\b
@@ -181,9 +262,13 @@ Examples:
 @click.option("--device-memory", type=float, default=None, help="GiB available on the device: say whether it fits.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Plan for this device (default: cuda if present, else cpu); cuda adds its context to the overhead.")
+@click.option("--nproc-per-node", type=int, default=1, show_default=True,
+              help="Processes the run will use: the plan is one rank's.")
+@click.option("--distributed", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="With --nproc-per-node > 1: ddp (whole base per rank) or fsdp (1/N of it per rank).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
-def plan(config_file, device_memory, device, as_json, debug, **flags):
+def plan(config_file, device_memory, device, nproc_per_node, distributed, as_json, debug, **flags):
     """The memory a run will need (from the model's config alone), before it starts."""
 
     def go():
@@ -196,13 +281,21 @@ def plan(config_file, device_memory, device, as_json, debug, **flags):
 
         cfg = TrainConfig.from_sources(config_file, **flags)
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        p = plan_memory(cfg, dev)
+        if nproc_per_node < 1:
+            raise QtuneError(f"--nproc-per-node must be at least 1, got {nproc_per_node}.")
+        p_strategy = distributed if nproc_per_node > 1 else None
+        p = plan_memory(cfg, dev, nproc_per_node, p_strategy)
         if as_json:
-            click.echo(json.dumps(p.to_json(device_memory)))
+            click.echo(json.dumps({**p.to_json(device_memory), "nproc_per_node": nproc_per_node,
+                                   "distributed": distributed if nproc_per_node > 1 else None}))
             return
         click.echo(format_plan(p, cfg, device_memory))
+        if nproc_per_node > 1:
+            click.echo(f"  per rank, {nproc_per_node} processes with {distributed} (global batch "
+                       f"{nproc_per_node * cfg.batch_size * cfg.grad_accum} rows per optimizer step)")
         if device_memory is not None and p.total_bytes + p.overhead_bytes > device_memory * 2**30:
-            click.echo("  to fit, try:\n" + "\n".join(f"    {s}" for s in suggestions(cfg, int(device_memory * 2**30), dev)))
+            click.echo("  to fit, try:\n" + "\n".join(f"    {s}" for s in suggestions(cfg, int(device_memory * 2**30), dev,
+                                                                              nproc_per_node, p_strategy)))
 
     _run(go, debug)
 

@@ -13,6 +13,7 @@ format, so later runs skip quantization.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -215,15 +216,16 @@ def load_model(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = t
                          f"(this run has --bits {quant.bits}{' and an initialiser that rewrites the base' if transform else ''}).")
     if quant.bits != 16 and not is_prequantized(config) and (use_cache or offload == "disk") and transform is None:
         cached = quantized_cache_path(model_dir, quant, compute_dtype)
-        if not (cached / "config.json").is_file():
-            model = _stream_load(model_dir, config, quant, compute_dtype, progress, trust_remote_code=trust_remote_code)
-            save_quantized(model, cached, model_dir)
-            if offload == "none":
-                return model
-            if offload == "cpu":
-                return _offload_to_host(model)
-            del model
-            gc.collect()
+        with cache_lock(cached):  # one process fills an entry; the others wait, then read it
+            if not (cached / "config.json").is_file():
+                model = _stream_load(model_dir, config, quant, compute_dtype, progress, trust_remote_code=trust_remote_code)
+                save_quantized(model, cached, model_dir)
+                if offload == "none":
+                    return model
+                if offload == "cpu":
+                    return _offload_to_host(model)
+                del model
+                gc.collect()
         model_dir, config = cached, load_config(cached, trust_remote_code)
     model = _stream_load(model_dir, config, quant, compute_dtype, progress, transform, offload, trust_remote_code)
     return _offload_to_host(model) if offload == "cpu" else model
@@ -336,6 +338,27 @@ def _get(f, key, shard):
     except Exception as e:
         raise QtuneError(f"Cannot read tensor {key} from {shard} ({e}); the file is probably truncated or "
                          "corrupt. Download it again.") from None
+
+
+@contextlib.contextmanager
+def cache_lock(entry: Path):
+    """An exclusive lock on a quantized-cache entry (fcntl.flock on `$QTUNE_CACHE/locks/<entry>.lock`, released
+    when the process ends, even by SIGKILL): processes that start at once (the ranks of a run, or two runs)
+    fill the entry once, and none reads or replaces it while another writes it. Where flock is missing (not
+    POSIX), none."""
+    locks = entry.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename in save_quantized still guards the entry's content
+        yield
+        return
+    with open(locks / f"{entry.parent.name}-{entry.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def quantized_cache_path(model_dir: Path, quant: QuantSpec, compute_dtype: torch.dtype = torch.bfloat16) -> Path:

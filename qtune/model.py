@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from pathlib import Path
 
@@ -109,18 +110,30 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, blocks, batch_size: int, max_batches: int = 0) -> float:
-    """Mean per-token loss over the held-out blocks."""
+def evaluate(model: nn.Module, blocks, batch_size: int, max_batches: int = 0, d=None) -> float:
+    """Mean per-token loss over the held-out blocks.
+
+    Several processes (d, qtune.distributed.Dist): rank r scores batches r, r + N, …, and the sums are
+    reduced. Every rank runs the same number of forwards (fsdp's all-gathers are collective): a rank whose
+    share is one short scores its last batch again and counts nothing of it."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n = len(blocks)
-    for b, i in enumerate(range(0, n, batch_size)):
-        if max_batches and b >= max_batches:
-            break
+    starts = list(range(0, n, batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    world, rank = (d.world, d.rank) if d is not None and d.enabled else (1, 0)
+    mine = starts[rank::world]
+    rounds = math.ceil(len(starts) / world)
+    for j in range(rounds):
+        i = mine[min(j, len(mine) - 1)] if mine else 0
         s = slice(i, min(i + batch_size, n))
         loss, k = causal_lm_loss(model, blocks.input_ids[s], blocks.segment_ids[s], blocks.labels[s])
-        total, count = total + loss.item(), count + k
+        if j < len(mine):
+            total, count = total + loss.item(), count + k
+    if world > 1:
+        total, count = d.sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 

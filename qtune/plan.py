@@ -176,8 +176,11 @@ def backward_peak(stored: int, grads: int, layers: int) -> int:
     return max(stored + grads // layers, grads + stored // layers)
 
 
-def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
-    """Plan for `cfg` (its model's config.json is read; no weight is loaded)."""
+def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy: str | None = None) -> Plan:
+    """Plan for `cfg` (its model's config.json is read; no weight is loaded): one process's, or with `world`
+    processes one rank's. ddp: each rank holds the whole base and its micro-batch of cfg.batch_size rows,
+    so a rank's plan is one process's. fsdp (qtune.fsdp): each rank holds 1/world of the quantized linears,
+    the adapters and their optimizer state, plus the layer in use and the next one gathered whole."""
     from qtune.adapters import ADAPTER_LAYERS, adapter_layer_for, layer_options, target_candidates
     from qtune.loader import build_skeleton, load_config, quantized_linear_names
 
@@ -192,7 +195,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
     # qtune's own blocks may compile; the generic path (transformers' forward) never does
     compiled = compiles_layers(cfg, device) and unsupported_reason(skeleton) is None
 
-    base, largest_linear = 0, 0
+    base, largest_linear, linear_total = 0, 0, 0
     streamed = cfg.offload == "disk" or (cfg.offload == "cpu" and device == "cuda")
     tied = getattr(config, "tie_word_embeddings", False)
     for name, p in skeleton.named_parameters():
@@ -200,6 +203,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         if owner in linears and name.endswith(".weight"):
             nbytes = quantized_linear_bytes(p.numel(), cfg.bits, cfg.double_quant, c)
             largest_linear = max(largest_linear, nbytes)
+            linear_total += nbytes
             base += 0 if streamed else nbytes
         elif not (tied and name == "lm_head.weight"):  # tied: stored once, as the embedding
             base += p.numel() * c
@@ -229,6 +233,12 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu") -> Plan:
         optimizer = sum(2 * n + 2 * 4 * math.ceil(n / 256) if n >= 4096 else 8 * n for n in tensor_sizes)
     else:
         optimizer = 8 * trainable
+    if strategy == "fsdp" and world > 1:  # shards, plus the gathered layer in use and the one prefetched
+        n_layers = config.num_hidden_layers
+        base += -linear_total + math.ceil(linear_total / world) + 2 * math.ceil(linear_total / n_layers)
+        adapter_params = math.ceil(adapter_params / world) + 2 * math.ceil(4 * trainable / n_layers)
+        grads = math.ceil(grads / world) + math.ceil(grads / n_layers)
+        optimizer = math.ceil(optimizer / world)
 
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = len(targets) // L
@@ -311,8 +321,9 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
     return load_config(resolve_model_dir(model), trust_remote_code)
 
 
-def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> list[str]:
-    """Changes that would make the plan fit, each with its new total."""
+def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu", world: int = 1,
+                strategy: str | None = None) -> list[str]:
+    """Changes that would make the plan (one rank's, with `world` processes) fit, each with its new total."""
     import dataclasses
 
     options = []
@@ -327,13 +338,13 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu") -> lis
     elif cfg.gradient_checkpointing and compiles_layers(cfg, device):  # q/k/v are kept only there
         tries.append(("--recompute full", "recompute", "full"))
     for flag, field, value in tries:
-        if getattr(cfg, field) == value:
+        if getattr(cfg, field) == value or (strategy == "fsdp" and field == "offload"):  # fsdp shards instead
             continue
         try:
             new = dataclasses.replace(cfg, **{field: value})
         except QtuneError:  # not combinable with this run's other choices
             continue
-        p = plan_memory(new, device)
+        p = plan_memory(new, device, world, strategy)
         need = p.total_bytes + p.overhead_bytes
         shown = flag if isinstance(value, bool) or " " in flag else f"{flag} {value}"
         options.append((need, f"{shown}: {need / 2**30:.2f} GiB{' (fits)' if need <= device_bytes else ''}"))

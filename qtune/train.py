@@ -18,14 +18,18 @@ from qtune.checkpoint import (complete_checkpoints, load_checkpoint, prune_check
                               save_checkpoint, set_rng_state, unflatten_optimizer_state)
 from qtune.config import TrainConfig
 from qtune.data import load_splits
+from qtune.distributed import ONE_PROCESS, Dist, setup, teardown
+from qtune.fsdp import base_bytes_on_rank
 from qtune.errors import QtuneError
 from qtune.memory import MemoryMeter, configure_host_allocator, current_rss_bytes, peak_rss_bytes
-from qtune.adapters.rosa_mask import MASK_FILE, choose_supports
+from qtune.adapters.rosa_mask import MASK_FILE, choose_supports, restore_supports
 from qtune.engine import causal_lm_loss, engine_of
 from qtune.model import build_model, decoder_layers, evaluate
 from qtune.precision import resolve_compute_dtype
 
 RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile")  # flags that may differ on --resume (same math)
+# may differ on --resume while processes × batch × accumulation (the rows of one optimizer step) stays the same
+RESUME_BATCH_KEYS = ("batch_size", "grad_accum")
 
 
 def compute_device() -> torch.device:
@@ -64,13 +68,15 @@ def resume_config(run_dir: Path, flags: dict) -> TrainConfig:
     given = TrainConfig.from_dict({**saved.to_dict(), **{k: v for k, v in flags.items() if v is not None}})
     if given.compute_dtype == "auto":  # what it picks on this machine is what must match the run's dtype
         given.compute_dtype = resolve_compute_dtype("auto", compute_device().type)
-    diffs = [f"{k}: run has {getattr(saved, k)!r}, flag says {getattr(given, k)!r}"
-             for k in saved.to_dict() if k not in RESUME_FREE_KEYS and getattr(saved, k) != getattr(given, k)]
+    diffs = [f"{k}: run has {getattr(saved, k)!r}, flag says {getattr(given, k)!r}" for k in saved.to_dict()
+             if k not in RESUME_FREE_KEYS + RESUME_BATCH_KEYS and getattr(saved, k) != getattr(given, k)]
     if diffs:
         raise QtuneError("--resume uses the run's own configuration, and these flags differ from it: "
                          + "; ".join(diffs) + ". Drop those flags, or start a new run with another --output.")
-    if given.max_steps != saved.max_steps:
-        saved.max_steps = given.max_steps
+    changed = [k for k in ("max_steps",) + RESUME_BATCH_KEYS if getattr(given, k) != getattr(saved, k)]
+    for k in changed:  # batch and accumulation: train() checks the global batch against the checkpoint's
+        setattr(saved, k, getattr(given, k))
+    if changed:
         saved.save(Path(run_dir) / "run.yaml")
     return saved
 
@@ -134,27 +140,59 @@ def micro_batch_rows(index: int, n_rows: int, batch_size: int, seed: int) -> tor
 
 # --- the loop ---------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) training; returns a summary. Writes run.yaml, metrics.jsonl, checkpoints/, loss.png."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          distributed: str | None = None) -> dict:
+    """Run (or resume) training; returns a summary. Writes run.yaml, metrics.jsonl, checkpoints/, loss.png.
+
+    Under torchrun (qtune train --nproc-per-node N), each worker calls this: `distributed` is ddp or fsdp
+    (None: the launcher's choice), and the N processes train as one process with batch N·batch_size
+    (qtune.distributed)."""
     device = compute_device()
+    d = setup(distributed, device.type)
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    try:
+        return _train(cfg, resume, overwrite, progress, d, device)
+    finally:
+        teardown(d)
+
+
+def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, d: Dist, device: torch.device) -> dict:
     cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device.type)  # run.yaml holds what "auto" chose
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
-    warn_if_plan_does_not_fit(cfg, device)
+    if d.fsdp:
+        from qtune.fsdp import check_supported
+
+        check_supported(cfg)
+    run_dir = d.on_main(lambda: prepare_run_dir(cfg, resume, overwrite), Path(cfg.output))
+    d.on_main(lambda: warn_if_plan_does_not_fit(cfg, device, d))
     configure_host_allocator(device, rss_bounded=cfg.max_memory > 0 or cfg.offload == "disk")
     torch.manual_seed(cfg.seed)
     _warm_up_libraries()
     meter = MemoryMeter(device)  # its baseline: the heap before the model exists
-    model, tokenizer, model_dir, init_report = build_model(cfg, run_dir, progress=progress, meter=meter)
+    # rank 0 fills the quantized cache (and writes an initialiser's base into the run folder); then the
+    # others read what it wrote instead of quantizing the same model again
+    model, tokenizer, model_dir, init_report = d.main_first(
+        lambda: build_model(cfg, run_dir, progress=progress and d.is_main, meter=meter))
     model.to(device)
     train_rows, eval_rows, stats = load_splits(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len,
                                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, packing=cfg.packing)
     check_vocab(train_rows, eval_rows, model)
+    micro = cfg.batch_size * d.world  # rows of one global micro-batch
     if not resume or not (run_dir / MASK_FILE).is_file():  # RoSA layers (if any) get their sparse support
-        mask_batches = ({k: v.to(device) for k, v in _rows_dict(train_rows, micro_batch_rows(k, len(train_rows),
-                                                                                             cfg.batch_size, cfg.seed)).items()}
-                        for k in range(cfg.rosa_mask_steps))
-        choose_supports(model, mask_batches, cfg.rosa_density, run_dir, engine_of(model).mean_loss)
-    micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+        def choose():
+            mask_batches = ({k: v.to(device) for k, v in _rows_dict(train_rows, micro_batch_rows(
+                k, len(train_rows), micro, cfg.seed)).items()} for k in range(cfg.rosa_mask_steps))
+            return choose_supports(model, mask_batches, cfg.rosa_density, run_dir, engine_of(model).mean_loss)
+
+        d.on_main(choose)  # chosen once, on rank 0, over the global micro-batches; the others read its file
+        if not d.is_main:
+            restore_supports(model, run_dir)
+    d.broadcast_tensors(_trainable(model))  # every rank starts from rank 0's adapters (as DDP does)
+    if d.fsdp:
+        from qtune.fsdp import shard_model
+
+        shard_model(model, d)
+    micro_per_epoch = math.ceil(len(train_rows) / micro)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -163,35 +201,42 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
     over_limit_warned = False
     metrics_path = run_dir / "metrics.jsonl"
 
+    def log(record: dict) -> None:  # metrics.jsonl is rank 0's
+        if d.is_main:
+            _log(metrics_path, record)
+
     step, micro_index = 0, 0
     if resume and complete_checkpoints(run_dir):
-        step, micro_index = _restore(complete_checkpoints(run_dir)[-1], model, optimizer, scheduler)
-        _truncate_metrics(metrics_path, step)
+        step, micro_index = _restore(complete_checkpoints(run_dir)[-1], model, optimizer, scheduler, cfg, d)
+        d.on_main(lambda: _truncate_metrics(metrics_path, step))
     elif resume:
-        _truncate_metrics(metrics_path, 0)
+        d.on_main(lambda: _truncate_metrics(metrics_path, 0))
     layers = adapter_layers(model)
     method_cls = adapter_layer_for(cfg.method)
-    method_cls.start_training(layers, total_steps, run_dir)
+    method_cls.start_training(layers, total_steps, run_dir if d.is_main else None)  # files: rank 0's
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _log(metrics_path, {"event": "start", "step": step, "trainable_params": trainable, "total_steps": total_steps,
-                        "data": vars(stats), "packing": cfg.packing, "model_dir": str(model_dir), "device": str(device),
-                        "init_report": init_report})
+    log({"event": "start", "step": step, "trainable_params": trainable, "total_steps": total_steps,
+         "data": vars(stats), "packing": cfg.packing, "model_dir": str(model_dir), "device": str(device),
+         "world_size": d.world, "distributed": d.strategy, "global_batch": micro * cfg.grad_accum,
+         "quantized_base_bytes_per_rank": int(d.max([base_bytes_on_rank(model)])[0]),
+         "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
+         "init_report": init_report})
     if step == 0:
-        _log(metrics_path, {"step": 0, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches)})
+        log({"step": 0, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches, d)})
 
     model.train()
     start_step = step
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not (progress and d.is_main))
     last_loss = float("nan")
     while step < total_steps:
         meter.begin_step(step + 1)
         t0 = time.perf_counter()
-        batches = [micro_batch_rows(micro_index + k, len(train_rows), cfg.batch_size, cfg.seed)
+        batches = [my_rows(micro_batch_rows(micro_index + k, len(train_rows), micro, cfg.seed), d)
                    for k in range(cfg.grad_accum)]
-        micro = [{k: t[rows].to(device) for k, t in (("input_ids", train_rows.input_ids),
-                                                     ("segment_ids", train_rows.segment_ids),
-                                                     ("labels", train_rows.labels))} for rows in batches]
-        result = train_step(model, optimizer, scheduler, micro, cfg.max_grad_norm)
+        micro_batches = [{k: t[rows].to(device) for k, t in (("input_ids", train_rows.input_ids),
+                                                             ("segment_ids", train_rows.segment_ids),
+                                                             ("labels", train_rows.labels))} for rows in batches]
+        result = train_step(model, optimizer, scheduler, micro_batches, cfg.max_grad_norm, d)
         last_loss = result["loss"]
         if not math.isfinite(last_loss):
             kept = complete_checkpoints(run_dir)
@@ -202,15 +247,19 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         step += 1
         dt = time.perf_counter() - t0
         n_input = result["tokens"]
+        peak_rss = peak_rss_bytes()
         record = {"step": step, "loss": last_loss, "lr": result["lr"],
                   "tokens_per_s": n_input / dt, "step_time_s": dt, "tokens": n_input,
                   "label_tokens": result["label_tokens"], "grad_norm": result["grad_norm"],
-                  "peak_memory_bytes": meter.peak_bytes(), "peak_rss_bytes": peak_rss_bytes()}
-        _log(metrics_path, record)
+                  "peak_memory_bytes": meter.peak_bytes(), "peak_rss_bytes": peak_rss}
+        if d.enabled:  # the largest rank's memory: what each of the machine's devices must hold
+            record["peak_memory_bytes"], record["peak_rss_bytes"] = (
+                int(v) for v in d.max([record["peak_memory_bytes"], peak_rss]))
+        log(record)
         if step == start_step + 1:  # which path each decoder layer ran, measured (qtune.engine)
-            _log(metrics_path, model.qtune_engine.execution_report(step))
+            log(model.qtune_engine.execution_report(step))
         used = record["peak_memory_bytes"] if device.type == "cuda" else record["peak_rss_bytes"]  # what the limit bounds
-        if cfg.max_memory > 0 and not over_limit_warned and used > cfg.max_memory * 2**30:
+        if cfg.max_memory > 0 and not over_limit_warned and used > cfg.max_memory * 2**30 and d.is_main:
             over_limit_warned = True
             warnings.warn(f"step {step}: peak {'memory' if device.type == 'cuda' else 'RSS'} {used / 2**30:.2f} GiB "
                           f"is over --max-memory "
@@ -220,42 +269,71 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         bar.update()
         final = step == total_steps
         if final or (cfg.eval_every and step % cfg.eval_every == 0):
-            _log(metrics_path, {"step": step, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches)})
+            log({"step": step, "eval_loss": evaluate(model, eval_rows, cfg.batch_size, cfg.eval_batches, d)})
             reported = method_cls.report(layers)
             if reported is not None:
-                _log(metrics_path, {"event": "method", "step": step, "method": cfg.method, **reported})
+                log({"event": "method", "step": step, "method": cfg.method, **reported})
         if final or (cfg.save_every and step % cfg.save_every == 0):
-            save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", adapter_state_dict(model), optimizer,
-                            {"step": step, "micro_index": micro_index, "total_steps": total_steps}, scheduler)
-            prune_checkpoints(run_dir, cfg.keep_checkpoints)
+            adapter, optim_state = full_state(model, optimizer, d)  # fsdp: gathered from the shards (collective)
+            trainer = {"step": step, "micro_index": micro_index, "total_steps": total_steps, "world_size": d.world,
+                       "global_batch": micro * cfg.grad_accum, "rows_seen": micro_index * micro}
+
+            def save():
+                save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", adapter, optimizer, trainer, scheduler,
+                                optimizer_state=optim_state)
+                prune_checkpoints(run_dir, cfg.keep_checkpoints)
+
+            d.on_main(save)
     bar.close()
     meter.detach()
-    summary = summarize(metrics_path)
-    plot_loss(metrics_path, run_dir / "loss.png")
+    summary = d.on_main(lambda: summarize(metrics_path))
+    d.on_main(lambda: plot_loss(metrics_path, run_dir / "loss.png"))
     return summary
 
 
+def my_rows(rows: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's slice of a global micro-batch's rows (all of them in one process)."""
+    b = len(rows) // d.world
+    return rows[d.rank * b:(d.rank + 1) * b]
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> tuple[dict, dict | None]:
+    """(the adapter's tensors, the optimizer's state_dict or None for optimizer.state_dict()), unsharded."""
+    if d.fsdp:
+        from qtune.fsdp import full_adapter_state, full_optimizer_state
+
+        return full_adapter_state(model), full_optimizer_state(model, optimizer)
+    return adapter_state_dict(model), None
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[dict],
-               max_grad_norm: float = 0.0) -> dict:
+               max_grad_norm: float = 0.0, d: Dist = ONE_PROCESS) -> dict:
     """One optimizer step over `micro_batches` (dicts of input_ids, segment_ids, labels on the model's
     device): the loss is the mean over all their labelled tokens (plus the adapters' extra loss terms),
     then gradient clipping, the update, the schedule and the adapters' after-step hooks.
-    Returns {"loss", "lr", "grad_norm", "tokens", "label_tokens"}; used by train() and by tools/."""
+    Returns {"loss", "lr", "grad_norm", "tokens", "label_tokens"}; used by train() and by tools/.
+
+    Several processes (d): each holds its slice of the micro-batches; the labelled tokens are counted over
+    all ranks, each rank's loss is divided by that global count and the gradients are summed, so the step
+    is the one process's over all the rows; tokens and loss are the global ones."""
     n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
     n_input = sum(int((b["segment_ids"] > 0).sum()) for b in micro_batches)
+    n_labels, n_input = (int(v) for v in d.sum([n_labels, n_input]))
     layers = adapter_layers(model)
     adapters = list(layers.values())
     loss_sum = 0.0
     with engine_of(model).parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once
         for b in micro_batches:
             loss, _ = causal_lm_loss(model, b["input_ids"], b["segment_ids"], b["labels"])
-            (loss / max(n_labels, 1)).backward()
+            (loss * (d.grad_scale / max(n_labels, 1))).backward()
             loss_sum += loss.item()
+    (loss_sum,) = d.sum([loss_sum])
     extra = [t for t in (a.extra_loss() for a in adapters) if t is not None]
-    if extra:
+    if extra:  # the same term on every rank: each contributes 1/N of its gradient
         extra_sum = torch.stack([t.float() for t in extra]).sum()
-        extra_sum.backward()
+        (extra_sum * (d.grad_scale / d.world)).backward()
         loss_sum += extra_sum.item() * max(n_labels, 1)
+    d.sum_gradients(_trainable(model))  # ddp; fsdp reduce-scatters in backward
     mean = loss_sum / max(n_labels, 1)
     grad_norm = None
     if math.isfinite(mean) and max_grad_norm > 0:
@@ -286,12 +364,12 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device) -> None:
-    """Before loading anything: if the memory plan exceeds the device, say so and what would fit."""
+def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device, d: Dist = ONE_PROCESS) -> None:
+    """Before loading anything: if the memory plan (of one rank) exceeds the device, say so and what would fit."""
     from qtune.plan import plan_memory, suggestions
 
     try:
-        plan = plan_memory(cfg, device.type)
+        plan = plan_memory(cfg, device.type, world=d.world, strategy=d.strategy)
     except Exception:  # noqa: BLE001 - the plan is advice; a problem with the model is reported by loading it
         return
     need, have = plan.total_bytes + plan.overhead_bytes, device_memory_bytes(device)
@@ -300,14 +378,14 @@ def warn_if_plan_does_not_fit(cfg: TrainConfig, device: torch.device) -> None:
         runtime = current_rss_bytes() if device.type == "cpu" else 0
         limit = int(cfg.max_memory * 2**30)
         if need + runtime > limit:
-            tips = "; ".join(suggestions(cfg, limit - runtime, device.type)[:3])
+            tips = "; ".join(suggestions(cfg, limit - runtime, device.type, d.world, d.strategy)[:3])
             raise QtuneError(f"qtune plan predicts {need / 2**30:.2f} GiB for this run"
                              + (f" (+ {runtime / 2**30:.2f} GiB of loaded libraries)" if runtime else "")
                              + f", over --max-memory {cfg.max_memory:g} GiB. Would fit better: {tips}. "
                              "See `qtune plan` with the same flags.")
         return
     if need > have:
-        tips = "; ".join(suggestions(cfg, have, device.type)[:3])
+        tips = "; ".join(suggestions(cfg, have, device.type, d.world, d.strategy)[:3])
         warnings.warn(f"qtune plan predicts {need / 2**30:.1f} GiB for this run, more than the {have / 2**30:.1f} GiB "
                       f"this {device.type} has: it will probably run out of memory. Would fit better: {tips}. "
                       "See `qtune plan` with the same flags.", stacklevel=2)
@@ -330,15 +408,35 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler) -> tuple[int, int]:
+def _restore(ckpt: Path, model, optimizer, scheduler, cfg: TrainConfig, d: Dist = ONE_PROCESS) -> tuple[int, int]:
+    """Load a checkpoint into the model, optimizer and schedule; (step, micro-batch index in this run's units).
+
+    Another number of processes, batch or accumulation resumes the same stream of rows if and only if the
+    rows of one optimizer step (processes × batch × accumulation) are unchanged; else it is refused."""
     state = load_checkpoint(ckpt)
-    load_adapter_state_dict(model, state["adapter"])
     trainer = state["trainer"]
-    optimizer.load_state_dict(unflatten_optimizer_state(state["optimizer_tensors"], trainer["optimizer"]))
+    micro = cfg.batch_size * d.world
+    saved_batch = trainer.get("global_batch")  # None: a checkpoint from before several processes (micro_index is ours)
+    if saved_batch is not None and saved_batch != micro * cfg.grad_accum:
+        raise QtuneError(f"Cannot resume {ckpt.parent.parent}: it was trained with {saved_batch} rows per optimizer step "
+                         f"({trainer.get('world_size', 1)} process(es) × batch × accumulation), and this run has "
+                         f"{micro * cfg.grad_accum} ({d.world} × --batch-size {cfg.batch_size} × --grad-accum "
+                         f"{cfg.grad_accum}). Choose --nproc-per-node, --batch-size and --grad-accum whose product is "
+                         f"{saved_batch}, or start a new run.")
+    rows_seen = trainer.get("rows_seen")
+    micro_index = int(trainer["micro_index"]) if rows_seen is None else int(rows_seen) // micro
+    if d.fsdp:
+        from qtune.fsdp import load_full_state
+
+        load_full_state(model, optimizer, state["adapter"],
+                        unflatten_optimizer_state(state["optimizer_tensors"], trainer["optimizer"]))
+    else:
+        load_adapter_state_dict(model, state["adapter"])
+        optimizer.load_state_dict(unflatten_optimizer_state(state["optimizer_tensors"], trainer["optimizer"]))
     if trainer.get("scheduler"):
         scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(state["rng"])
-    return int(trainer["step"]), int(trainer["micro_index"])
+    return int(trainer["step"]), micro_index
 
 
 def _log(path: Path, record: dict) -> None:

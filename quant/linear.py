@@ -97,6 +97,24 @@ class QuantLinear(nn.Module):
         qt = self.qweight.quant_type if self.qweight is not None else "empty"
         return f"in_features={self.in_features}, out_features={self.out_features}, {qt}, bias={self.bias is not None}"
 
+    # --- as frozen parameters (for sharding, e.g. FSDP2's fully_shard) ------------------------------------
+    def as_parameters(self) -> None:
+        """Register the packed codes and the block scales (the bulk of the weight) as frozen parameters,
+        `qweight_packed` and `qweight_absmax`, so that a sharding wrapper can split and gather them. The rest
+        of the quantization state (codes, the nested scales of the scales) stays in the QuantizedWeight.
+        bind_parameters() then points the QuantizedWeight at whatever tensors the module holds now."""
+        self.qweight_packed = nn.Parameter(self.qweight.packed, requires_grad=False)
+        self.qweight_absmax = nn.Parameter(self.qweight.state.absmax, requires_grad=False)
+
+    def quantized_parameters(self) -> list[torch.Tensor]:
+        return [self._parameters[n] for n in ("qweight_packed", "qweight_absmax") if n in self._parameters]
+
+    def bind_parameters(self) -> None:
+        """After as_parameters(): the QuantizedWeight reads the module's current `qweight_packed` and
+        `qweight_absmax` (a wrapper swaps sharded and gathered tensors in and out of the module)."""
+        self.qweight.packed = self._parameters["qweight_packed"]
+        self.qweight.state.absmax = self._parameters["qweight_absmax"]
+
     # nn.Module.to()/cuda() move parameters through _apply; the quantized weight is no parameter
     # (it must never be cast to a float dtype), so move it here, device only.
     def _apply(self, fn, recurse=True):

@@ -30,7 +30,7 @@ from qtune.engine.recompute import RecomputePolicy, context_fn
 from qtune.memory import probe
 
 # reasons a layer runs eager by configuration (not worth a warning): anything else is a failure
-CONFIGURED = ("compile off", "dropout", "dora norm gradient", "offloaded weights", "no checkpointing",
+CONFIGURED = ("compile off", "fsdp", "dropout", "dora norm gradient", "offloaded weights", "no checkpointing",
               "not on cpu", "rosa support not chosen", "hooks", "generic", "method ")
 
 
@@ -45,6 +45,7 @@ class Engine:
         self._head_weight = None
         self.compile_reason = compile_reason  # why no layer may compile in this run (None: they may)
         self.runner = BlockRunner(context_fn)
+        self.stack = None  # --distributed fsdp: the layers' FSDP2 wrappers (qtune.fsdp.ShardedStack)
         self._warned = False
 
     def hidden_states(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -65,17 +66,24 @@ class Engine:
         h = embed(self.model, input_ids)
         rotations = position_embeddings(self.model, h, positions)
         masks = biases(self.model, segment_ids, h.dtype)
-        p, act = self.policy, activation(self.model.config)
-        for i, layer in enumerate(self.model.model.layers):
-            probe()
-            reason = self.compile_reason or block_compile_reason(layer)
-            cos, sin = rotations[i]
-            h = self.runner.run(i, decoder_block, (layer, h, cos, sin, masks[i], self.attention, p.keep_attention,
-                                                   p.keep_down, act), reason, self.checkpointing)
-            if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
-                h.register_hook(_probe_in_backward)
+        if self.stack is not None:  # fsdp: the same layer calls, each through its FSDP2 unit
+            h = self.stack(h, rotations, masks, self._run_layer)
+        else:
+            for i, layer in enumerate(self.model.model.layers):
+                cos, sin = rotations[i]
+                h = self._run_layer(i, layer, h, cos, sin, masks[i])
         probe()
         return final_norm(self.model, h)
+
+    def _run_layer(self, i: int, layer: nn.Module, h, cos, sin, mask):
+        probe()
+        p, act = self.policy, activation(self.model.config)
+        reason = self.compile_reason or block_compile_reason(layer)
+        h = self.runner.run(i, decoder_block, (layer, h, cos, sin, mask, self.attention, p.keep_attention,
+                                               p.keep_down, act), reason, self.checkpointing)
+        if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
+            h.register_hook(_probe_in_backward)
+        return h
 
     def logits(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         """(b, t, vocab) logits in the compute dtype (all at once: for scoring, not for training)."""
