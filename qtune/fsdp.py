@@ -14,6 +14,8 @@ and the adapters, so that each rank holds 1/N of both between uses.
   before the layer's forward and its backward (recomputation included) and reshard after, and reduce-scatter
   the adapters' gradients. FSDP2 averages them over the ranks (gloo has no pre-scaled sum), so qtune.train
   multiplies each rank's loss, already divided by the global count of labelled tokens, by N (Dist.grad_scale). The wrappers live in one `ShardedStack`, FSDP2's root, which the engine calls.
+- The layers compile as in one process (qtune.engine.compiled): FSDP2 keeps one gathered parameter tensor per
+  weight from step to step, so the graphs' inputs keep their identity and shapes (tests/test_distributed.py).
 - The embeddings, final norm and head are replicated (frozen, not quantized).
 - Checkpoints hold full tensors: the adapters' and the optimizer state's shards are gathered on save and
   re-split on load, so a run resumes under another number of processes (qtune.train checks the batch).
@@ -96,7 +98,6 @@ def shard_model(model: nn.Module, d) -> None:
         for m in block.quantized:  # at rest: the shards (the whole tensors they were cut from are freed)
             m.bind_parameters()
     engine.stack = stack
-    engine.compile_reason = "fsdp"  # eager: the compiled graphs are not traced over FSDP2's gathered parameters
 
 
 def base_bytes_on_rank(model: nn.Module) -> int:

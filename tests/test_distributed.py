@@ -138,6 +138,19 @@ def test_two_processes_train_as_one_process_with_their_global_batch(tiny_llama, 
         assert base == ref_base
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_layers_under_two_processes(tiny_llama, chat, ref_b4, tmp_path, strategy, compiled):
+    """The compiled decoder layers engage under ddp and fsdp (FSDP2's gathered parameters as graph inputs), and
+    the run still equals one process's (eager) within 1e-5."""
+    out = tmp_path / strategy
+    r = launch(flags(tiny_llama, chat, out, batch_size=2, compile=True), extra=["--distributed", strategy])
+    assert r.returncode == 0, r.stdout + r.stderr
+    execution = [x for x in read_metrics(out / "metrics.jsonl") if x.get("event") == "execution"][0]
+    assert execution["layers"] == {"compiled": 2, "eager": 0}, execution
+    assert_same_run(out, ref_b4)
+
+
 def test_fsdp_with_gradient_accumulation(tiny_llama, chat, ref_b2_acc2, tmp_path):
     out = tmp_path / "fsdp-acc"
     r = launch(flags(tiny_llama, chat, out, batch_size=1, grad_accum=2), extra=["--distributed", "fsdp"])

@@ -30,7 +30,7 @@ from qtune.engine.recompute import RecomputePolicy, context_fn
 from qtune.memory import probe
 
 # reasons a layer runs eager by configuration (not worth a warning): anything else is a failure
-CONFIGURED = ("compile off", "fsdp", "dropout", "dora norm gradient", "offloaded weights", "no checkpointing",
+CONFIGURED = ("compile off", "dropout", "dora norm gradient", "offloaded weights", "no checkpointing",
               "not on cpu", "rosa support not chosen", "hooks", "generic", "method ")
 
 
