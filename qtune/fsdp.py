@@ -74,8 +74,12 @@ class ShardedStack(nn.Module):
         return h
 
 
-def shard_model(model: nn.Module, d) -> None:
-    """fully_shard each decoder layer (codes, scales, adapters) and attach the stack to the model's engine."""
+def shard_model(model: nn.Module, d, device: torch.device) -> None:
+    """fully_shard each decoder layer (codes, scales, adapters) and attach the stack to the model's engine.
+
+    The model comes in host memory, whole (each rank loaded or read the quantized base there); FSDP2 moves
+    each layer to `device` as it shards it, so a GPU holds its 1/N of the base plus one layer at a time,
+    never the whole base; then the rest (embeddings, norms, head) follows."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -83,8 +87,7 @@ def shard_model(model: nn.Module, d) -> None:
     if engine.unsupported is not None:
         raise QtuneError(f"--distributed fsdp runs qtune's decoder block, and this model runs transformers' forward "
                          f"({engine.unsupported}). Use --distributed ddp for it.")
-    device = next(model.parameters()).device.type
-    mesh = init_device_mesh(device, (d.world,))
+    mesh = init_device_mesh(device.type, (d.world,))
     layers = list(model.model.layers)
     for layer in layers:
         for m in layer.modules():
@@ -97,6 +100,7 @@ def shard_model(model: nn.Module, d) -> None:
     for block in stack.blocks:
         for m in block.quantized:  # at rest: the shards (the whole tensors they were cut from are freed)
             m.bind_parameters()
+    model.to(device)  # what is not sharded (the shards are there already)
     engine.stack = stack
 
 

@@ -173,14 +173,15 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, d: D
     # others read what it wrote instead of quantizing the same model again
     model, tokenizer, model_dir, init_report = d.main_first(
         lambda: build_model(cfg, run_dir, progress=progress and d.is_main, meter=meter))
-    model.to(device)
+    if not d.fsdp:  # fsdp: the model stays in host memory until each layer's shard goes to the device (qtune.fsdp)
+        model.to(device)
     train_rows, eval_rows, stats = load_splits(cfg.data, cfg.eval_data, tokenizer, cfg.seq_len,
                                                seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, packing=cfg.packing)
     check_vocab(train_rows, eval_rows, model)
     micro = cfg.batch_size * d.world  # rows of one global micro-batch
     if not resume or not (run_dir / MASK_FILE).is_file():  # RoSA layers (if any) get their sparse support
-        def choose():
-            mask_batches = ({k: v.to(device) for k, v in _rows_dict(train_rows, micro_batch_rows(
+        def choose():  # (fsdp: on the model in host memory, before it is sharded)
+            mask_batches = ({k: v.to(next(model.parameters()).device) for k, v in _rows_dict(train_rows, micro_batch_rows(
                 k, len(train_rows), micro, cfg.seed)).items()} for k in range(cfg.rosa_mask_steps))
             return choose_supports(model, mask_batches, cfg.rosa_density, run_dir, engine_of(model).mean_loss)
 
@@ -191,7 +192,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, d: D
     if d.fsdp:
         from qtune.fsdp import shard_model
 
-        shard_model(model, d)
+        shard_model(model, d, device)
     micro_per_epoch = math.ceil(len(train_rows) / micro)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
     optimizer = make_optimizer(model, cfg)

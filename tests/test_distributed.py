@@ -92,6 +92,10 @@ def assert_same_run(run: Path, ref: Path, tol: float = 1e-5) -> None:
         assert loss[k] == pytest.approx(ref_loss[k], rel=tol), (k, loss, ref_loss)
     for k in ref_ev:
         assert ev[k] == pytest.approx(ref_ev[k], rel=tol), (k, ev, ref_ev)
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    ref_norms = {r["step"]: r["grad_norm"] for r in read_metrics(ref / "metrics.jsonl") if "loss" in r}
+    for k in ref_norms:  # the global gradient norm (and clipping to 1: these are above it)
+        assert norms[k] == pytest.approx(ref_norms[k], rel=1e-4), (k, norms, ref_norms)
     last = f"checkpoints/step-{max(ref_loss):06d}"
     a, b = load_file(run / last / "adapter.safetensors"), load_file(ref / last / "adapter.safetensors")
     # the adapters (entries ~0.1) within 1e-5: Adam's update m/√v turns the rounding of a near-zero gradient
@@ -136,6 +140,52 @@ def test_two_processes_train_as_one_process_with_their_global_batch(tiny_llama, 
         assert ref_base / 2 <= base <= ref_base / 2 + 64 * 8, (base, ref_base)
     else:
         assert base == ref_base
+
+
+# what each method needs to show its distributed part within 4 steps: LoRA-Dash's directions join at step 2 (new
+# parameters mid-run), RoSA's support and PiSSA's factors are chosen on rank 0 and read by the other, AdaLoRA's
+# budget falls from step 1 (its ranks decided from the summed gradients, the same on every rank)
+METHOD_FLAGS = {"loradash": dict(dash_steps=2, dash_directions=2), "qrosa": dict(rosa_mask_steps=2),
+                "adalora": dict(budget_start=1, budget_end=3)}
+FAST_METHODS = ("qdora", "qpissa", "qrosa", "loradash", "adalora")
+
+
+@pytest.mark.parametrize("method,strategy", [
+    *[pytest.param(m, "ddp", marks=() if m in FAST_METHODS else pytest.mark.slow)
+      for m in ("qdora", "qpissa", "qrosa", "loha", "lokr", "ia3", "lntuning", "bitfit", "bone", "bat", "adalora",
+                "loradash", "spectral")],
+    ("qdora", "fsdp"), ("qrosa", "fsdp"), pytest.param("qpissa", "fsdp", marks=pytest.mark.slow)])
+def test_each_method_trains_on_two_processes_as_on_one(tiny_llama, chat, tmp_path, method, strategy):
+    extra = dict(method=method, **METHOD_FLAGS.get(method, {}))
+    ref = reference(tiny_llama, chat, tmp_path / "ref", **extra)
+    out = tmp_path / "run"
+    r = launch(flags(tiny_llama, chat, out, batch_size=2, **extra), extra=["--distributed", strategy])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(out, ref)
+    if method == "loradash":  # its directions joined mid-run, on both ranks alike
+        reports = [x for x in read_metrics(out / "metrics.jsonl") if x.get("event") == "method"]
+        assert reports[-1]["dash_switched"] == reports[-1]["layers"] > 0, reports
+
+
+def test_fsdp_refuses_what_it_cannot_shard(tiny_llama, chat, tmp_path):
+    r = launch(flags(tiny_llama, chat, tmp_path / "a", batch_size=2, method="loha"), extra=["--distributed", "fsdp"])
+    assert r.returncode != 0 and "--distributed fsdp runs qtune's decoder block" in r.stdout + r.stderr
+    assert "Use --distributed ddp for loha" in r.stdout + r.stderr
+    env = subprocess_env()
+    env["QTUNE_GENERIC"] = "1"  # the generic path (transformers' forward), as for an architecture qtune's block lacks
+    cmd = [sys.executable, "-m", "qtune", "train", *argv(flags(tiny_llama, chat, tmp_path / "b", batch_size=2)),
+           "--nproc-per-node", "2", "--distributed", "fsdp"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert r.returncode != 0 and "this model runs transformers' forward" in r.stdout + r.stderr
+
+
+def test_the_generic_path_trains_on_two_processes_with_ddp(tiny_llama, chat, tmp_path, monkeypatch):
+    monkeypatch.setenv("QTUNE_GENERIC", "1")
+    ref = reference(tiny_llama, chat, tmp_path / "ref")
+    out = tmp_path / "run"
+    r = launch(flags(tiny_llama, chat, out, batch_size=2))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(out, ref)
 
 
 @pytest.mark.slow
