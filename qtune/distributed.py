@@ -52,6 +52,7 @@ class Dist:
     local_rank: int = 0
     local_world: int = 1
     strategy: str | None = None
+    device: str = "cpu"  # where the small reductions' tensors live: nccl reduces CUDA tensors only
 
     @property
     def enabled(self) -> bool:
@@ -111,14 +112,14 @@ class Dist:
         """Each value summed over the ranks (float64 on the CPU: exact for counts, one rounding for losses)."""
         if not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
 
     def max(self, values: list[float]) -> list[float]:
         if not self.enabled:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
@@ -137,7 +138,7 @@ class Dist:
         one that has a gradient on some rank gets the sum (zeros where a rank had none)."""
         if self.strategy != "ddp" or not params:
             return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
         dist.all_reduce(has)
         live = [p for p, h in zip(params, has.tolist()) if h]
         by_device_dtype: dict = {}
@@ -181,6 +182,7 @@ def setup(strategy: str | None, device_type: str) -> Dist:
              local_rank=int(os.environ.get("LOCAL_RANK", 0)), local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
              strategy=strategy)
     if device_type == "cuda":
+        d.device = f"cuda:{d.local_rank}"
         if d.local_rank >= torch.cuda.device_count():
             raise QtuneError(f"Local rank {d.local_rank} has no GPU: this machine has {torch.cuda.device_count()}. "
                              f"Pass --nproc-per-node {torch.cuda.device_count()} or less.")

@@ -326,7 +326,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedul
     with engine_of(model).parameters_fixed():  # until optimizer.step(): QDoRA's norms are computed once
         for b in micro_batches:
             loss, _ = causal_lm_loss(model, b["input_ids"], b["segment_ids"], b["labels"])
-            (loss * (d.grad_scale / max(n_labels, 1))).backward()
+            (loss / max(n_labels, 1) * d.grad_scale).backward()  # × 1 is exact: one process as before
             loss_sum += loss.item()
     (loss_sum,) = d.sum([loss_sum])
     extra = [t for t in (a.extra_loss() for a in adapters) if t is not None]
