@@ -77,15 +77,7 @@ class Dist:
         other ranks return `others`."""
         if not self.enabled:
             return fn()
-        result, error = others, None
-        if self.is_main:
-            try:
-                result = fn()
-            except QtuneError as e:
-                error = str(e)
-        (error,) = self.broadcast_object((error,))
-        if error is not None:
-            raise QtuneError(error)
+        result = self._on_rank0(fn)
         return result if self.is_main else others
 
     def main_first(self, fn):
@@ -93,7 +85,11 @@ class Dist:
         on rank 0 is raised on every rank."""
         if not self.enabled:
             return fn()
-        error, result = None, None
+        result = self._on_rank0(fn)
+        return result if self.is_main else fn()
+
+    def _on_rank0(self, fn):
+        result, error = None, None
         if self.is_main:
             try:
                 result = fn()
@@ -102,7 +98,7 @@ class Dist:
         (error,) = self.broadcast_object((error,))
         if error is not None:
             raise QtuneError(error)
-        return result if self.is_main else fn()
+        return result
 
     def barrier(self) -> None:
         if self.enabled:

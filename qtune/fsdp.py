@@ -143,28 +143,15 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, adapter:
     """The inverse of full_adapter_state / full_optimizer_state: whole tensors split into this rank's shards."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from qtune.adapters import adapter_layers
-
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    for name, layer in adapter_layers(model).items():
-        for b in layer.checkpoint_buffers:
-            params[f"{name}.{b}"] = getattr(layer, b)
-    missing, unexpected = set(params) - set(adapter), set(adapter) - set(params)
-    if missing or unexpected:
-        raise QtuneError(f"The adapter checkpoint does not fit this model (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}). Use the model and method the run was trained with.")
+    from qtune.adapters import load_adapter_state_dict
 
     def shard_like(p, full):
         if isinstance(p, DTensor):
             return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements).to_local()
         return full
 
-    for n in sorted(params):
-        p, full = params[n], adapter[n]
-        if tuple(p.shape) != tuple(full.shape):
-            raise QtuneError(f"Adapter tensor {n} has shape {tuple(full.shape)}, the model expects {tuple(p.shape)}. "
-                             "Use the rank and model the run was trained with.")
-        (p.to_local() if isinstance(p, DTensor) else p).copy_(shard_like(p, full))
+    load_adapter_state_dict(model, adapter, copy=lambda p, full: (p.to_local() if isinstance(p, DTensor) else p)
+                            .copy_(shard_like(p, full)))
     ordered = [p for g in optimizer.param_groups for p in g["params"]]
     state = {"param_groups": optim_state["param_groups"], "state": {}}
     for i, s in optim_state["state"].items():

@@ -126,7 +126,10 @@ def set_initial_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> N
                                     if k.startswith(prefix) and "." not in k[len(prefix):]})
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], copy=None) -> None:
+    """The checkpoint's adapter tensors into the model, checked against its names and shapes. copy(param, tensor)
+    puts one in place (default param.copy_(tensor); qtune.fsdp copies a whole tensor's shard into a sharded one);
+    tensors are visited in sorted order (so that every rank of a sharded model visits them alike)."""
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     for name, layer in adapter_layers(model).items():  # training-state buffers load in place like parameters
@@ -138,8 +141,12 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) 
         raise QtuneError(f"The adapter checkpoint does not fit this model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}). Use the model and method the run was trained with.")
     with torch.no_grad():
-        for n, t in tensors.items():
+        for n in sorted(tensors):
+            t = tensors[n]
             if params[n].shape != t.shape:
                 raise QtuneError(f"Adapter tensor {n} has shape {tuple(t.shape)}, the model expects "
                                  f"{tuple(params[n].shape)}. Use the rank and model the run was trained with.")
-            params[n].copy_(t)
+            if copy is None:
+                params[n].copy_(t)
+            else:
+                copy(params[n], t)
