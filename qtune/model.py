@@ -58,7 +58,7 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
                       "nothing to offload (ignored).", stacklevel=2)
     engine = Engine(model, attention=choose_attention(model.config, cfg.batch_size, cfg.seq_len,
                                                       cfg.gradient_checkpointing, compute_dtype, device),
-                    policy=RecomputePolicy.from_config(cfg), checkpointing=cfg.gradient_checkpointing,
+                    policy=RecomputePolicy.from_config(cfg, device), checkpointing=cfg.gradient_checkpointing,
                     compile_reason=compile_reason(cfg, device))
     model.qtune_engine = engine
     route_adapters(model)  # transformers' own forward (generation, the generic path) runs the fused nodes too

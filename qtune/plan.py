@@ -72,6 +72,8 @@ class Plan:
 
     layer_inputs: int = 0
     masks: int = 0  # the attention masks (part of activations)
+    recompute: str = "default"  # the recomputation policy planned (--recompute auto resolved)
+    kept: int = 0  # bytes the checkpoints keep beyond each layer's input (part of layer_inputs)
     loss_phase: int = 0
     backward_phase: int = 0
 
@@ -101,7 +103,7 @@ class Plan:
                                        "activations", "logits", "dequant_buffers")}
         out = {"total_bytes": self.total_bytes, "overhead_bytes": self.overhead_bytes, "breakdown": breakdown,
                "peak_phase": self.peak_phase, "trainable_params": self.trainable_params,
-               "attention_mask_bytes": self.masks}
+               "attention_mask_bytes": self.masks, "recompute": self.recompute, "recompute_kept_bytes": self.kept}
         if device_memory is not None:
             out["device_memory_bytes"] = int(device_memory * 2**30)
             out["fits"] = self.total_bytes + self.overhead_bytes <= device_memory * 2**30
@@ -243,7 +245,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = len(targets) // L
     attention = choose_attention(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
-    policy = RecomputePolicy.from_config(cfg)
+    policy = RecomputePolicy.from_config(cfg, device)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
     # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
     stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in leaves
@@ -270,6 +272,11 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
                 layer_inputs += L * b * t * config.hidden_size * c
                 if own:  # counted in dora_out's products above: kept now, not recomputed
                     saved -= b * t * config.hidden_size * c
+        if policy.keep_mlp:  # --recompute max: and gate/up's outputs (DoRA: their products u, counted above)
+            mlp_width = 2 * config.intermediate_size
+            layer_inputs += L * b * t * mlp_width * c
+            if cfg.method == "qdora" and {"gate_proj", "up_proj"} <= leaves:
+                saved -= b * t * mlp_width * c
     # the attention masks, alive from the forward to the end of backward: qtune's block makes one additive
     # (b, 1, t, t) mask per distinct window, block-diagonal over the packed examples; transformers' forward
     # (the generic path) one boolean mask per layer type
@@ -297,7 +304,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
                 loss_phase=layer_inputs + masks + logits,
                 backward_phase=backward_peak(activations - internals - masks, grads, L) + masks + internals + dequant,
-                masks=masks)
+                masks=masks, recompute=policy.level if cfg.gradient_checkpointing else "off (no checkpointing)",
+                kept=max(0, layer_inputs - L * b * t * config.hidden_size * c) if cfg.gradient_checkpointing else 0)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
 
@@ -319,6 +327,24 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
         check_config(config, model)
         return config
     return load_config(resolve_model_dir(model), trust_remote_code)
+
+
+def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
+    """--recompute auto: the most-keeping of max > default > full whose plan fits the budget: --max-memory (on
+    the CPU less what the process already holds, as qtune.train checks it), else 90% of the device's memory."""
+    from qtune.engine.recompute import LEVELS
+    from qtune.memory import current_rss_bytes
+    from qtune.train import device_memory_bytes
+
+    if cfg.max_memory > 0:
+        budget = int(cfg.max_memory * 2**30) - (current_rss_bytes() if device == "cpu" else 0)
+    else:
+        budget = int(0.9 * device_memory_bytes(torch.device(device)))
+    for level in LEVELS:
+        p = plan_memory(dataclasses.replace(cfg, recompute=level), device)
+        if p.total_bytes + p.overhead_bytes <= budget:
+            return level
+    return LEVELS[-1]
 
 
 def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu", world: int = 1,
@@ -360,6 +386,8 @@ def format_plan(p: Plan, cfg: TrainConfig, device_memory: float | None = None) -
              f"{cfg.optim}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"]
     lines += [f"  {name:<18}{gib(v)}" for name, v in rows]
     lines.insert(6, f"    {'of which masks':<16}{gib(p.masks)}   (attention, {cfg.packing} packing)")
+    lines.insert(7, f"    {'of which kept':<16}{gib(p.kept)}   (--recompute {cfg.recompute}"
+                    + (f": {p.recompute}" if cfg.recompute == "auto" else "") + ")")
     lines += [f"  {'peak (tensors)':<18}{gib(p.total_bytes)}   at the {p.peak_phase} (persistent + that moment's terms)",
               f"  {'+ overhead':<18}{gib(p.overhead_bytes)}",
               f"  trainable params  {p.trainable_params:,}"]

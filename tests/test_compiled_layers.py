@@ -307,6 +307,40 @@ def test_kept_attention_skips_its_gemms_in_the_recomputation(tiny_llama, tmp_pat
         torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)
 
 
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_recompute_max_keeps_gate_up_and_skips_their_gemms(tiny_llama, tmp_path, compiled, method):
+    """--recompute max: the checkpoint also keeps gate/up's outputs (QDoRA: their products u), so the
+    recomputation runs neither their base GEMMs nor (QLoRA) their adapters' up-projections, with the loss and
+    gradients of --recompute default. The dequantizations stay as many: the compiled backward dequantizes each
+    weight once for the recomputed forward and dL/dx together."""
+    from qtune.loader import load_config
+
+    def run(recompute: str):
+        torch.manual_seed(2)
+        model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
+        for m in model.modules():  # DoRA: magnitudes away from the norms, so that m/n matters
+            if hasattr(m, "magnitude"):
+                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
+        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
+        report = model.qtune_engine.execution_report(1)
+        return (loss, grads, sum(counts.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")),
+                counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0), report)
+
+    loss_m, grads_m, gemms_m, deq_m, kept_m, report = run("max")
+    loss_d, grads_d, gemms_d, deq_d, kept_d, _ = run("default")
+    L = load_config(tiny_llama, False).num_hidden_layers
+    assert report["layers"]["compiled"] == L and report["recompute"]["keep_mlp"] is True
+    assert kept_m - kept_d == 2 * L  # gate and up, in the forward only
+    assert deq_d == deq_m, (deq_d, deq_m)
+    if method == "qlora":
+        assert gemms_d - gemms_m == 4 * L, (gemms_d, gemms_m)  # base GEMM + adapter up-projection, each
+    torch.testing.assert_close(loss_m, loss_d, **TOL[torch.float32])
+    assert grads_m.keys() == grads_d.keys()
+    for name in grads_d:
+        torch.testing.assert_close(grads_m[name], grads_d[name], **TOL[torch.float32], msg=name)
+
+
 def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """QDoRA in a compiled block: the magnitude's gradient reads each product u = x·Wᵀ + s·hBᵀ, so with
     --recompute default q/k/v/o and down_proj keep their u; the recomputation then runs only gate and

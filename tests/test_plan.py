@@ -259,3 +259,30 @@ def test_backward_peak_is_at_one_end_of_the_walk_back():
     walk = [25 * (l + 1) + 10 * (4 - l) for l in range(4)]  # at layer l: layers 0..l stored, l..3 gradients
     assert backward_peak(100, 40, 4) == max(walk) == 110
     assert backward_peak(8, 400, 4) == 402  # gradients dominate: the peak is at the first layer
+
+
+def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
+    """--recompute max keeps gate/up's outputs: 2·intermediate per token and layer more than default, in the
+    layer inputs kept from the forward. auto picks the most-keeping level whose plan fits --max-memory."""
+    import qtune.memory
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    i, L = config["intermediate_size"], config["num_hidden_layers"]
+    b, t, c = 2, 32, 2
+    monkeypatch.setenv("QTUNE_COMPILE", "1")  # the keeps are the compiled blocks' (the suite runs eagerly)
+    cfg = dict(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=b, seq_len=t)
+    plans = {level: plan_memory(TrainConfig(**cfg, recompute=level)) for level in ("max", "default", "full")}
+    assert plans["max"].layer_inputs - plans["default"].layer_inputs == L * b * t * 2 * i * c
+    assert plans["max"].kept > plans["default"].kept > plans["full"].kept >= 0
+    assert plans["max"].recompute == "max"
+    need = {k: p.total_bytes + p.overhead_bytes for k, p in plans.items()}
+    assert need["max"] > need["default"] > need["full"]
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)  # the budget is --max-memory itself here
+    for level, budget in (("max", need["max"]), ("default", need["max"] - 1), ("full", need["default"] - 1)):
+        auto = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=budget / 2**30))
+        assert auto.recompute == level, (level, budget)
+        assert auto.total_bytes == plans[level].total_bytes
+    res = CliRunner().invoke(main, ["plan", "--model", str(tiny_llama), "--compute-dtype", "bfloat16", "--rank", "4",
+                                    "--batch-size", str(b), "--seq-len", str(t), "--recompute", "auto"])
+    assert res.exit_code == 0, res.output
+    assert "(--recompute auto: max)" in res.output  # no limit: 90% of this machine's memory holds the most

@@ -9,6 +9,8 @@
     python -m tools.bench_methods --methods qlora,qdora --generic
                                                        # the generic path (transformers' forward, QTUNE_GENERIC=1)
                                                        # against qtune's fused block, on the same Llama
+    python -m tools.bench_methods --methods qlora --recompute max
+                                                       # --recompute max against the default policy, same method
 
 (from the repository root: tools/harness.py is imported as tools.harness.)
 
@@ -173,6 +175,8 @@ def main() -> None:
     ap.add_argument("--generic", action="store_true",
                     help="each method on the generic path (transformers' forward, QTUNE_GENERIC=1) against the same "
                          "method on qtune's fused block, in lockstep")
+    ap.add_argument("--recompute", default=None, choices=("max", "full", "auto"),
+                    help="each method under this --recompute against itself under the default policy, in lockstep")
     ap.add_argument("--against-tree", metavar="DIR", default=None,
                     help="before/after of a code change: each method against the same method run from DIR, another "
                          "checkout of this repository (e.g. `git worktree add DIR HEAD~1`), in lockstep")
@@ -183,8 +187,10 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tree = Path(args.against_tree).resolve() if args.against_tree else None
     known = h.METHODS + h.SECOND_WAVE
-    bad = [m for m in methods if m not in known or (m == "qlora" and tree is None and not args.generic)]
-    if bad or args.repeats < 1 or args.steps < 1 or (args.sequential or args.generic) and tree or args.sequential and args.generic:
+    against_itself = tree is not None or args.generic or args.recompute is not None
+    bad = [m for m in methods if m not in known or (m == "qlora" and not against_itself)]
+    modes = sum(bool(x) for x in (args.sequential, args.generic, tree, args.recompute))
+    if bad or args.repeats < 1 or args.steps < 1 or modes > 1:
         raise SystemExit(f"methods must be of {','.join(m for m in known if m != 'qlora' or tree)}; "
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
@@ -207,6 +213,13 @@ def main() -> None:
                     pair = lockstep_pair(args, work, (m, f"{m}@generic"), f"{m}-{rep}",
                                          {f"{m}@generic": (m, None, {"QTUNE_GENERIC": "1"})})
                     ref, run = pair[m], pair[f"{m}@generic"]
+                elif args.recompute:  # the method under --recompute LEVEL against itself under default
+                    from tools.workers import RECOMPUTE_ENV
+
+                    label = f"{m}@{args.recompute}"
+                    pair = lockstep_pair(args, work, (m, label), f"{m}-{rep}",
+                                         {label: (m, None, {RECOMPUTE_ENV: args.recompute})})
+                    ref, run = pair[m], pair[label]
                 elif args.sequential:
                     ref = h.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
                     run = h.run_worker(args, work, "qtune", m, f"{m}-{rep}")
@@ -230,6 +243,9 @@ def main() -> None:
     if args.generic:
         for s in summary.values():
             s["goal"] = GENERIC_GOAL
+    if args.recompute:
+        for s in summary.values():
+            s["goal"] = None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_methods{args.tag}"
@@ -242,9 +258,13 @@ def main() -> None:
     if args.generic:
         mode = ("each method on the generic path (transformers' forward, QTUNE_GENERIC=1) and on qtune's fused block "
                 "in lockstep; the \"QLoRA\" columns are the fused block's, the ratio generic / fused")
+    if args.recompute:
+        mode = (f"each method under --recompute {args.recompute} and under the default policy in lockstep; the "
+                f"\"QLoRA\" columns are the default policy's, the ratio {args.recompute} / default")
     if tree:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
-    versus = "another checkout" if tree else "the fused block (generic path)" if args.generic else "qtune QLoRA"
+    versus = ("another checkout" if tree else "the fused block (generic path)" if args.generic
+              else "the default recomputation" if args.recompute else "qtune QLoRA")
     lines = [f"# qtune methods vs {versus} ({h.cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "

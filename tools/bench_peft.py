@@ -60,6 +60,7 @@ bench_peft_fp32.* under --compute-dtype float32.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import platform
 import statistics
@@ -140,6 +141,11 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"constant, clip 1.0; {a['warmup']} warm-up + {a['steps']} timed steps; {a['repeats']} alternating "
         f"qtune/peer pair(s) per method, medians. Held-out: {len(report['data']['heldout_rows_used'])} rows of Hamlet + "
         f"Sonnets ({report['data']['heldout_label_tokens']} tokens), one scoring function for both sides.",
+        "",
+        f"CPU class: {'bf16 kernels (AVX512-BF16/AMX)' if report['machine'].get('bf16_kernels') else 'no bf16 kernels (AVX2-only class)' if 'bf16_kernels' in report['machine'] else 'not recorded'}; "
+        f"torch {report['machine'].get('torch')}, transformers {report['machine'].get('transformers')}, "
+        f"peft {report['machine'].get('peft')}, bitsandbytes {report['machine'].get('bitsandbytes')}; "
+        f"qtune --recompute {report['machine'].get('recompute', 'default')}.",
         "",
         f"{short} GEMM rate ({GEMM_N}³, median of 5, start/end): {report['gemm']['start']['gflops']:.0f} / "
         f"{report['gemm']['end']['gflops']:.0f} GFLOP/s → {rate:.0f} GFLOP/s used. Step FLOPs "
@@ -296,10 +302,13 @@ def parent_main(args) -> None:
         import peft
         import transformers
 
+        from qtune.precision import cpu_has_fast_bf16
+
         report = {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "methods": methods, "data": data_info,
-            "machine": {"cpu": h.cpu_name(), "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": {"cpu": h.cpu_name(), "bf16_kernels": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+                        "python": platform.python_version(), "recompute": args.recompute or "default",
                         "torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
             "gemm": {"start": gemm_start, "end": gemm_end,  # the rate used: median over all 10 timed products
@@ -323,9 +332,12 @@ def main():
     ap.add_argument("--plays", type=int, default=4, help="training plays (the first N, alphabetically)")
     ap.add_argument("--eval-rows", type=int, default=16, help="held-out rows scored before and after")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every process (0 = torch's default)")
-    ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                    help="both sides' compute dtype: bfloat16 (the issue's setting; the peer under autocast) or "
-                         "float32 (CPUs without bf16 kernels, tools/bench_dtype.py; writes bench_peft_fp32.*)")
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
+                    help="both sides' compute dtype: auto (default: bfloat16 where the CPU has bf16 kernels, float32 "
+                         "where it does not, as qtune's own auto), bfloat16 (the peer under autocast) or float32 "
+                         "(tools/bench_dtype.py; writes bench_peft_fp32.*)")
+    ap.add_argument("--recompute", default=None, choices=("default", "full", "max", "auto"),
+                    help="qtune's --recompute in its workers (default: qtune's default policy)")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
@@ -336,6 +348,12 @@ def main():
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--lockstep-ack-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compute_dtype == "auto":
+        from qtune.precision import resolve_compute_dtype
+
+        args.compute_dtype = resolve_compute_dtype("auto", "cpu", warn=False)
+    if args.recompute:  # the qtune workers read it (tools/workers.py)
+        os.environ[workers.RECOMPUTE_ENV] = args.recompute
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.plays < 1 or args.eval_rows < 1:
         raise SystemExit("--steps, --repeats, --plays and --eval-rows must be >= 1, --warmup >= 0")
     if args.report_only:

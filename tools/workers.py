@@ -81,12 +81,16 @@ def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate 
     return {"step_times_s": times, "step_tokens": tokens, "train_losses": losses}
 
 
+RECOMPUTE_ENV = "QTUNE_BENCH_RECOMPUTE"  # a qtune worker's --recompute (tools/bench_methods.py --recompute)
+
+
 def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16",
                  gate: LockstepGate | None = None) -> dict:
     from qtune.errors import QtuneError
 
     try:
-        run = h.QtuneRun(method, data, work, warmup + steps, compute_dtype)
+        overrides = {"recompute": os.environ[RECOMPUTE_ENV]} if os.environ.get(RECOMPUTE_ENV) else {}
+        run = h.QtuneRun(method, data, work, warmup + steps, compute_dtype, **overrides)
     except QtuneError as e:
         if "not available" in str(e):
             return {"unavailable": str(e)}

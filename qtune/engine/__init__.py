@@ -80,7 +80,7 @@ class Engine:
         p, act = self.policy, activation(self.model.config)
         reason = self.compile_reason or block_compile_reason(layer)
         h = self.runner.run(i, decoder_block, (layer, h, cos, sin, mask, self.attention, p.keep_attention,
-                                               p.keep_down, act), reason, self.checkpointing)
+                                               p.keep_down, act, p.keep_mlp), reason, self.checkpointing)
         if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
             h.register_hook(_probe_in_backward)
         return h
@@ -136,9 +136,12 @@ class Engine:
         """metrics.jsonl's execution line: how many layers ran compiled (measured) and why others ran eager."""
         paths = self.runner.paths
         eager = Counter(r for r in paths.values() if r != COMPILED)
+        p = self.policy
         report = {"event": "execution", "step": step,
                   "layers": {"compiled": sum(r == COMPILED for r in paths.values()), "eager": sum(eager.values())},
-                  "reasons": dict(eager)}
+                  "reasons": dict(eager),
+                  "recompute": {"level": p.level, "checkpointing": self.checkpointing, "keep_attention": p.keep_attention,
+                                "keep_down": p.keep_down, "keep_mlp": p.keep_mlp}}
         failed = [r for r in eager if not r.startswith(CONFIGURED)]
         if failed and not self._warned:
             self._warned = True

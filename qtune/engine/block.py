@@ -167,25 +167,35 @@ def attention(attn: nn.Module, x, cos, sin, bias, kernel: str, keep_attention: b
     return out
 
 
-def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool, act: str = "silu", sum_only: bool = True) -> torch.Tensor:
-    """sum_only: the output only feeds the residual sum (not a norm), so a recomputation may skip its base GEMM."""
+def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool, act: str = "silu", sum_only: bool = True,
+        keep_mlp: bool = False) -> torch.Tensor:
+    """sum_only: the output only feeds the residual sum (not a norm), so a recomputation may skip its base GEMM.
+    keep_mlp (--recompute max): a compiled block's checkpoint keeps gate/up's outputs (DoRA: its products u),
+    so that its recomputation skips their GEMMs and dequantizations."""
+    kept = keep_mlp and torch.compiler.is_compiling()
     if hasattr(module, "gate_up_proj"):                               # Phi-3: one linear, [gate; up]
-        gate, up = L.linear(module.gate_up_proj, x).chunk(2, dim=-1)
+        own = L.keeps_own_product(module.gate_up_proj)
+        gate_up = L.linear(module.gate_up_proj, x, keep_output=keep_mlp and own)
+        gate, up = (keep(gate_up) if kept and not own else gate_up).chunk(2, dim=-1)
     else:
-        gate, up = L.group([module.gate_proj, module.up_proj], x)
+        own = L.keeps_own_product(module.gate_proj) and L.keeps_own_product(module.up_proj)
+        gate, up = L.group([module.gate_proj, module.up_proj], x, keep_output=keep_mlp and own)
+        if kept and not own:
+            gate, up = keep(gate), keep(up)
     return L.linear(module.down_proj, ACT_MUL[act](gate, up), keep_output=keep_down, sum_only=sum_only)
 
 
 def decoder_block(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-                  kernel: str, keep_attention: bool, keep_down: bool, act: str = "silu") -> torch.Tensor:
+                  kernel: str, keep_attention: bool, keep_down: bool, act: str = "silu",
+                  keep_mlp: bool = False) -> torch.Tensor:
     """One decoder layer: (b, t, hidden) -> (b, t, hidden)."""
     a = attention(layer.self_attn, _norm(layer.input_layernorm, h), cos, sin, bias, kernel, keep_attention)
     if hasattr(layer, "pre_feedforward_layernorm"):                   # Gemma's sandwich: norms after, too
         h = h + _norm(layer.post_attention_layernorm, a)
-        m = mlp(layer.mlp, _norm(layer.pre_feedforward_layernorm, h), keep_down, act, sum_only=False)
+        m = mlp(layer.mlp, _norm(layer.pre_feedforward_layernorm, h), keep_down, act, sum_only=False, keep_mlp=keep_mlp)
         return h + _norm(layer.post_feedforward_layernorm, m)
     h = h + a
-    return h + mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), keep_down, act)
+    return h + mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), keep_down, act, keep_mlp=keep_mlp)
 
 
 def block_compile_reason(layer: nn.Module) -> str | None:

@@ -7,6 +7,12 @@ One setting, `--recompute`:
   reads it). More memory (a few (tokens × width) tensors per layer, held until that layer's
   backward) for fewer GEMMs in the recomputation.
 - `full`: keep nothing that costs memory.
+- `max`: default, and gate/up's outputs too (the MLP's two widest GEMMs and their dequantizations: the
+  recomputation's most expensive work per byte kept), so that the recomputation runs only what feeds them
+  no more: its norms and the adapters' skinny products. Compiled blocks.
+- `auto`: the most of max > default > full whose plan (qtune.plan) fits the memory budget: --max-memory,
+  else 90% of the device's memory (qtune.plan.resolve_recompute). Chosen before loading; metrics.jsonl's
+  execution line and `qtune plan` show the choice.
 Independently of the setting, a linear whose output feeds only the block's residual sum (down_proj
 of LoRA and RoSA) skips its base GEMM in the recomputation: backward reads only the adapter's inputs.
 The older flags --keep-qkv and --dora-stash map onto `keep_attention` and `keep_down`.
@@ -21,7 +27,8 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-CHOICES = ("default", "full")
+CHOICES = ("default", "full", "max", "auto")
+LEVELS = ("max", "default", "full")  # what auto chooses from, the most kept first
 
 
 @dataclass(frozen=True)
@@ -30,14 +37,24 @@ class RecomputePolicy:
     """Keep q, k, v and the attention's output (compiled blocks)."""
     keep_down: bool = True
     """Keep DoRA's down_proj product u (compiled and eager blocks)."""
+    keep_mlp: bool = False
+    """Keep gate/up's outputs (DoRA: their products u) (compiled blocks)."""
+    level: str = "default"
+    """The --recompute value this is (auto resolved: max, default or full)."""
 
     @classmethod
-    def from_config(cls, cfg) -> "RecomputePolicy":
-        """From --recompute, with the older --keep-qkv / --dora-stash overriding their part when given."""
-        on = cfg.recompute == "default"
+    def from_config(cls, cfg, device: str = "cpu") -> "RecomputePolicy":
+        """From --recompute (auto resolved by the plan for `device`), with the older --keep-qkv / --dora-stash
+        overriding their part when given."""
+        level = cfg.recompute
+        if level == "auto":
+            from qtune.plan import resolve_recompute
+
+            level = resolve_recompute(cfg, device)
+        on = level in ("default", "max")
         keep_qkv, dora_stash = getattr(cfg, "keep_qkv", None), getattr(cfg, "dora_stash", None)
         return cls(keep_attention=on if keep_qkv is None else bool(keep_qkv),
-                   keep_down=on if dora_stash is None else bool(dora_stash))
+                   keep_down=on if dora_stash is None else bool(dora_stash), keep_mlp=level == "max", level=level)
 
 
 _state = threading.local()
