@@ -105,18 +105,17 @@ class Dist:
             dist.barrier()
 
     def sum(self, values: list[float]) -> list[float]:
-        """Each value summed over the ranks (float64 on the CPU: exact for counts, one rounding for losses)."""
-        if not self.enabled:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+        """Each value summed over the ranks (float64: exact for counts, one rounding for losses)."""
+        return self._reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values: list[float], op) -> list[float]:
         if not self.enabled:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def broadcast_object(self, obj):
@@ -191,10 +190,8 @@ def setup(strategy: str | None, device_type: str) -> Dist:
     return d
 
 
-def teardown(d: Dist, *objects) -> None:
-    """Leave the process group. The model (and anything holding its gradients' hooks) must be gone first:
-    destroying the group under live distributed modules aborts at exit (the issue's probe)."""
-    del objects
+def teardown(d: Dist) -> None:
+    """Leave the process group (after the model is gone: train() calls it once _train has returned)."""
     if d.enabled and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.barrier()
