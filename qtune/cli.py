@@ -75,11 +75,12 @@ TRAIN_OPTIONS = [
     _opt("--loftq-start", help="LoftQ's first factors: pissa (default; lower error) or zero (as published)."),
     _opt("--dora-detach-norm/--no-dora-detach-norm", default=None,
          help="QDoRA: norm as a constant in backward (DoRA §4.3; default on)."),
-    _opt("--recompute", type=click.Choice(["default", "full", "max", "auto"]),
+    _opt("--recompute", type=click.Choice(["default", "full", "max", "weights", "auto"]),
          help="What a checkpointed layer keeps from its forward so that its recomputation skips work: default "
               "keeps the attention's q, k, v and output and QDoRA's down_proj product (faster, a few activations "
-              "per layer); full keeps nothing extra (least memory); max also keeps gate/up's outputs (fastest); "
-              "auto: the most of max > default > full whose plan fits --max-memory (else 90% of the device)."),
+              "per layer); full keeps nothing extra (least memory); max also keeps gate/up's outputs; weights also "
+              "holds the base's dequantized weights for the run (fastest; + the base's 16-bit size); auto: the most "
+              "of weights > max > default > full whose plan fits --max-memory (else 90% of the device)."),
     _opt("--dora-stash/--no-dora-stash", default=None,
          help="Older form of --recompute's QDoRA down_proj part (kept working)."),
     _opt("--keep-qkv/--no-keep-qkv", default=None,

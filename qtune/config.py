@@ -62,8 +62,9 @@ class TrainConfig:
     recompute: str = "default"
     """What a checkpointed decoder layer keeps from its forward so that its recomputation skips work
     (qtune.engine.recompute): default (the attention's q, k, v and output; QDoRA's down_proj product),
-    full (nothing extra: least memory), max (default and gate/up's outputs) or auto (the most of max >
-    default > full that the plan fits in --max-memory, else in 90% of the device)."""
+    full (nothing extra: least memory), max (default and gate/up's outputs), weights (max and the base's
+    dequantized weights, held for the run) or auto (the most of weights > max > default > full that the plan
+    fits in --max-memory, else in 90% of the device)."""
     dora_stash: bool | None = None
     """Older form of recompute's QDoRA down_proj part; None = as recompute says."""
     keep_qkv: bool | None = None
@@ -198,8 +199,11 @@ class TrainConfig:
         _check(self.rank > 0, f"--rank must be positive, got {self.rank}", "pass e.g. --rank 16")
         _check(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}", "pass e.g. --seq-len 512")
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. --batch-size 4")
-        _check(self.recompute in ("default", "full", "max", "auto"), f"unknown --recompute {self.recompute!r}",
-               "use default, full, max or auto")
+        _check(self.recompute in ("default", "full", "max", "weights", "auto"), f"unknown --recompute {self.recompute!r}",
+               "use default, full, max, weights or auto")
+        _check(not (self.recompute == "weights" and self.offload != "none"),
+               f"--recompute weights holds the dequantized base in memory, and --offload {self.offload} streams the base "
+               "from elsewhere instead", "use --recompute max (or auto) with --offload, or --offload none")
         _check(self.packing in PACKING, f"unknown --packing {self.packing!r}",
                "use per-example (the default), none, or contaminated (benchmarks only)")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}", "pass e.g. --grad-accum 4")

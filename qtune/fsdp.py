@@ -23,6 +23,8 @@ and the adapters, so that each rank holds 1/N of both between uses.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -44,6 +46,9 @@ def check_supported(cfg) -> None:
     if cfg.bits == 16:
         raise QtuneError("--distributed fsdp shards the quantized base, and --bits 16 has none. Use --bits 4 or 8, "
                          "or --distributed ddp.")
+    if cfg.recompute == "weights":
+        raise QtuneError("--recompute weights holds every layer's dequantized base on each process, which undoes what "
+                         "--distributed fsdp shards. Use --recompute max (or auto) with fsdp, or --distributed ddp.")
 
 
 class ShardedBlock(nn.Module):
@@ -87,6 +92,11 @@ def shard_model(model: nn.Module, d, device: torch.device) -> None:
     if engine.unsupported is not None:
         raise QtuneError(f"--distributed fsdp runs qtune's decoder block, and this model runs transformers' forward "
                          f"({engine.unsupported}). Use --distributed ddp for it.")
+    if engine.policy.keep_weights:  # --recompute auto chose it for one process: held copies would undo the shards
+        from qtune.engine.linear import drop_dense_weights
+
+        engine.policy = dataclasses.replace(engine.policy, keep_weights=False, level="max")
+        drop_dense_weights(model)
     mesh = init_device_mesh(device.type, (d.world,))
     layers = list(model.model.layers)
     for layer in layers:

@@ -74,6 +74,7 @@ class Plan:
     masks: int = 0  # the attention masks (part of activations)
     recompute: str = "default"  # the recomputation policy planned (--recompute auto resolved)
     kept: int = 0  # bytes the checkpoints keep beyond each layer's input (part of layer_inputs)
+    dense: int = 0  # --recompute weights: the held dequantized base (part of base_weights)
     loss_phase: int = 0
     backward_phase: int = 0
 
@@ -103,7 +104,8 @@ class Plan:
                                        "activations", "logits", "dequant_buffers")}
         out = {"total_bytes": self.total_bytes, "overhead_bytes": self.overhead_bytes, "breakdown": breakdown,
                "peak_phase": self.peak_phase, "trainable_params": self.trainable_params,
-               "attention_mask_bytes": self.masks, "recompute": self.recompute, "recompute_kept_bytes": self.kept}
+               "attention_mask_bytes": self.masks, "recompute": self.recompute, "recompute_kept_bytes": self.kept,
+               "dequantized_weights_bytes": self.dense}
         if device_memory is not None:
             out["device_memory_bytes"] = int(device_memory * 2**30)
             out["fits"] = self.total_bytes + self.overhead_bytes <= device_memory * 2**30
@@ -294,7 +296,10 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
         logits = min(ce_chunk_tokens(vocab, softcap), b * t) * vocab * (CE_SOFTCAP_BYTES_PER_LOGIT if softcap else CE_BYTES_PER_LOGIT)
     logits += 2 * b * t * hidden * c  # and the final hidden states and their gradient (n, h)
     sizes = [m.in_features * m.out_features for m in linears.values()]
-    if cfg.bits == 16:
+    # --recompute weights: every quantized linear's dequantized copy, held for the run (compiled blocks)
+    dense = sum(sizes) * c if policy.keep_weights and compiled and cfg.bits != 16 and not streamed and cfg.gradient_checkpointing else 0
+    base += dense
+    if cfg.bits == 16 or dense:
         dequant = 0
     elif compiled:  # a compiled layer's backward holds all its dequantized weights
         dequant = sum(sizes) // L * c
@@ -304,7 +309,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
                 loss_phase=layer_inputs + masks + logits,
                 backward_phase=backward_peak(activations - internals - masks, grads, L) + masks + internals + dequant,
-                masks=masks, recompute=policy.level if cfg.gradient_checkpointing else "off (no checkpointing)",
+                masks=masks, recompute=policy.level if cfg.gradient_checkpointing else "off (no checkpointing)", dense=dense,
                 kept=max(0, layer_inputs - L * b * t * config.hidden_size * c) if cfg.gradient_checkpointing else 0)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
@@ -330,8 +335,9 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
 
 
 def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
-    """--recompute auto: the most-keeping of max > default > full whose plan fits the budget: --max-memory (on
-    the CPU less what the process already holds, as qtune.train checks it), else 90% of the device's memory."""
+    """--recompute auto: the most-keeping of weights > max > default > full whose plan fits the budget:
+    --max-memory (on the CPU less what the process already holds, as qtune.train checks it), else 90% of the
+    device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks)."""
     from qtune.engine.recompute import LEVELS
     from qtune.memory import current_rss_bytes
     from qtune.train import device_memory_bytes
@@ -341,7 +347,11 @@ def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
     else:
         budget = int(0.9 * device_memory_bytes(torch.device(device)))
     for level in LEVELS:
+        if level == "weights" and cfg.offload != "none":
+            continue
         p = plan_memory(dataclasses.replace(cfg, recompute=level), device)
+        if level == "weights" and not p.dense:
+            continue
         if p.total_bytes + p.overhead_bytes <= budget:
             return level
     return LEVELS[-1]
@@ -388,6 +398,8 @@ def format_plan(p: Plan, cfg: TrainConfig, device_memory: float | None = None) -
     lines.insert(6, f"    {'of which masks':<16}{gib(p.masks)}   (attention, {cfg.packing} packing)")
     lines.insert(7, f"    {'of which kept':<16}{gib(p.kept)}   (--recompute {cfg.recompute}"
                     + (f": {p.recompute}" if cfg.recompute == "auto" else "") + ")")
+    if p.dense:
+        lines.insert(2, f"    {'of which held':<16}{gib(p.dense)}   (the dequantized base, --recompute {p.recompute})")
     lines += [f"  {'peak (tensors)':<18}{gib(p.total_bytes)}   at the {p.peak_phase} (persistent + that moment's terms)",
               f"  {'+ overhead':<18}{gib(p.overhead_bytes)}",
               f"  trainable params  {p.trainable_params:,}"]

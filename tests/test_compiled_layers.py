@@ -343,6 +343,46 @@ def test_recompute_max_keeps_gate_up_and_skips_their_gemms(tiny_llama, tmp_path,
         torch.testing.assert_close(grads_m[name], grads_d[name], **TOL[torch.float32], msg=name)
 
 
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(tiny_llama, tmp_path, compiled, method):
+    """--recompute weights: max, and each quantized linear holds its dequantized weight from its layer's first
+    training forward on. A later step then dequantizes nothing (forward, recomputation and backward read the
+    held copy), with the loss and gradients of --recompute max; the copies equal the codes' dequantization and
+    stay out of the state dict (nothing new is saved)."""
+    from qtune.engine.linear import DENSE, drop_dense_weights
+    from qtune.loader import load_config
+    from quant import QuantLinear
+
+    def run(recompute: str):
+        torch.manual_seed(2)
+        model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
+        for m in model.modules():  # DoRA: magnitudes away from the norms, so that m/n matters
+            if hasattr(m, "magnitude"):
+                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
+        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
+        return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), model.qtune_engine.execution_report(1)
+
+    model, loss_w, grads_w, deq_w, report = run("weights")
+    _, loss_m, grads_m, deq_m, _ = run("max")
+    L = load_config(tiny_llama, False).num_hidden_layers
+    assert report["layers"]["compiled"] == L and report["recompute"]["keep_weights"] is True
+    assert report["recompute"]["level"] == "weights" and report["recompute"]["keep_mlp"] is True
+    assert deq_m >= 7 * L and deq_w == 0, (deq_m, deq_w)
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 7 * L
+    for m in quantized:
+        held = getattr(m, DENSE)
+        assert held.dtype == torch.float32
+        torch.testing.assert_close(held, m.qweight.dequantize(torch.float32), rtol=0, atol=0)
+    assert not any(DENSE in k for k in model.state_dict())
+    torch.testing.assert_close(loss_w, loss_m, **TOL[torch.float32])
+    assert grads_w.keys() == grads_m.keys()
+    for name in grads_m:
+        torch.testing.assert_close(grads_w[name], grads_m[name], **TOL[torch.float32], msg=name)
+    assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers for m in quantized)
+
+
 def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """QDoRA in a compiled block: the magnitude's gradient reads each product u = x·Wᵀ + s·hBᵀ, so with
     --recompute default q/k/v/o and down_proj keep their u; the recomputation then runs only gate and

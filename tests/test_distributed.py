@@ -179,6 +179,43 @@ def test_fsdp_refuses_what_it_cannot_shard(tiny_llama, chat, tmp_path):
     assert r.returncode != 0 and "this model runs transformers' forward" in r.stdout + r.stderr
 
 
+def test_fsdp_refuses_held_dequantized_weights_and_drops_the_ones_auto_chose(tiny_llama, tmp_path, monkeypatch):
+    """--recompute weights would hold every layer's dequantized base on each rank, undoing the shards: fsdp refuses
+    it by name; --recompute auto, resolved for one process before sharding, is stepped down to max there."""
+    import dataclasses
+    import types
+
+    from qtune.config import TrainConfig
+    from qtune.engine.linear import DENSE, hold_dense_weights
+    from qtune.fsdp import check_supported
+
+    with pytest.raises(QtuneError, match="--recompute weights holds every layer's dequantized base"):
+        check_supported(TrainConfig(model=str(tiny_llama), recompute="weights"))
+    check_supported(TrainConfig(model=str(tiny_llama), recompute="auto"))  # allowed: resolved per strategy
+    import qtune.fsdp
+    from qtune.engine import RecomputePolicy
+    from qtune.model import build_model
+
+    cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), compute_dtype="float32")
+    model, *_ = build_model(cfg, tmp_path / "r", progress=False)
+    engine = model.qtune_engine
+    engine.policy = RecomputePolicy.from_config(dataclasses.replace(cfg, recompute="weights"))
+    for layer in model.model.layers:
+        hold_dense_weights(layer, torch.float32)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):  # the mesh is where sharding starts: what came before it is what is checked
+        raise Stop
+
+    monkeypatch.setattr("torch.distributed.device_mesh.init_device_mesh", stop)
+    with pytest.raises(Stop):
+        qtune.fsdp.shard_model(model, types.SimpleNamespace(world=2), torch.device("cpu"))
+    assert engine.policy.keep_weights is False and engine.policy.level == "max" and engine.policy.keep_mlp
+    assert not any(DENSE in m._buffers for m in model.modules())
+
+
 def test_the_generic_path_trains_on_two_processes_with_ddp(tiny_llama, chat, tmp_path, monkeypatch):
     monkeypatch.setenv("QTUNE_GENERIC", "1")
     ref = reference(tiny_llama, chat, tmp_path / "ref")

@@ -3,10 +3,12 @@
 import json
 import math
 
+import pytest
 from click.testing import CliRunner
 
 from qtune.cli import main
 from qtune.config import TrainConfig
+from qtune.errors import QtuneError
 from qtune.plan import plan_memory, quantized_linear_bytes, suggestions
 
 
@@ -285,4 +287,34 @@ def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
     res = CliRunner().invoke(main, ["plan", "--model", str(tiny_llama), "--compute-dtype", "bfloat16", "--rank", "4",
                                     "--batch-size", str(b), "--seq-len", str(t), "--recompute", "auto"])
     assert res.exit_code == 0, res.output
-    assert "(--recompute auto: max)" in res.output  # no limit: 90% of this machine's memory holds the most
+    assert "(--recompute auto: weights)" in res.output  # no limit: 90% of this machine's memory holds the most
+
+
+def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
+    """--recompute weights: max, plus every quantized linear's dequantized weight held in the compute dtype (the
+    base grows by their numel × 2 bytes in bf16, and no dequantization buffer is needed). auto picks it when it
+    fits; with --offload, or where nothing would be held (--bits 16), it skips it."""
+    import qtune.memory
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    numel = L * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
+    monkeypatch.setenv("QTUNE_COMPILE", "1")
+    cfg = dict(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
+    w, m = plan_memory(TrainConfig(**cfg, recompute="weights")), plan_memory(TrainConfig(**cfg, recompute="max"))
+    assert w.dense == numel * 2 and m.dense == 0
+    assert w.base_weights - m.base_weights == numel * 2
+    assert w.dequant_buffers == 0 < m.dequant_buffers
+    assert w.layer_inputs == m.layer_inputs and w.recompute == "weights"
+    assert w.to_json()["dequantized_weights_bytes"] == numel * 2
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)
+    need = w.total_bytes + w.overhead_bytes
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=need / 2**30)).recompute == "weights"
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need - 1) / 2**30)).recompute == "max"
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", bits=16)).recompute == "max"  # nothing to hold
+    res = CliRunner().invoke(main, ["plan", "--model", str(tiny_llama), "--compute-dtype", "bfloat16", "--rank", "4",
+                                    "--recompute", "weights"])
+    assert res.exit_code == 0 and "of which held" in res.output, res.output
+    with pytest.raises(QtuneError, match="--recompute weights holds the dequantized base"):
+        TrainConfig(**cfg, recompute="weights", offload="disk")

@@ -84,9 +84,10 @@ def short_dtype(report: dict) -> str:
     return {"bfloat16": "bf16", "float32": "fp32"}[report["args"].get("compute_dtype", "bfloat16")]
 
 
-def report_stem(compute_dtype: str) -> str:
-    """The result files' name: bench_peft.* for the issue's bf16 setting, bench_peft_fp32.* for fp32."""
-    return "bench_peft" if compute_dtype == "bfloat16" else "bench_peft_fp32"
+def report_stem(compute_dtype: str, tag: str | None = None) -> str:
+    """The result files' name: bench_peft.* for the issue's bf16 setting, bench_peft_fp32.* for fp32; --tag T
+    appends _T (e.g. one file per install or recompute policy)."""
+    return ("bench_peft" if compute_dtype == "bfloat16" else "bench_peft_fp32") + (f"_{tag}" if tag else "")
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -123,9 +124,20 @@ def pair_ratios(q_runs: list[dict], p_runs: list[dict]) -> dict | None:
             "pairs": len(pairs)}
 
 
+def policies(report: dict) -> str:
+    """What each qtune run's execution line says it ran: its recompute level, and the budget auto had."""
+    seen = []
+    for m in report["methods"]:
+        for r in report["results"][m]["runs"]["qtune"]:
+            rec = (r.get("execution") or {}).get("recompute") or {}
+            budget = f" at {r['max_memory_gib']:.2f} GiB" if r.get("max_memory_gib") else ""
+            seen.append(f"{m} {rec.get('level', 'not recorded')}{budget}")
+    return ", ".join(seen) or "none"
+
+
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = report_stem(report["args"].get("compute_dtype", "bfloat16"))
+    stem = report_stem(report["args"].get("compute_dtype", "bfloat16"), report["args"].get("tag"))
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     short = short_dtype(report)
     rate = report["gemm"]["gflops"]
@@ -145,7 +157,11 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"CPU class: {'bf16 kernels (AVX512-BF16/AMX)' if report['machine'].get('bf16_kernels') else 'no bf16 kernels (AVX2-only class)' if 'bf16_kernels' in report['machine'] else 'not recorded'}; "
         f"torch {report['machine'].get('torch')}, transformers {report['machine'].get('transformers')}, "
         f"peft {report['machine'].get('peft')}, bitsandbytes {report['machine'].get('bitsandbytes')}; "
-        f"qtune --recompute {report['machine'].get('recompute', 'default')}.",
+        f"qtune --recompute {report['machine'].get('recompute', 'default')}"
+        + (f", --max-memory {report['machine']['max_memory']}" + (" (each pair's peer peak RSS, the peer run first)"
+                                                                  if report['machine']['max_memory'] == "peer" else " GiB")
+           if report['machine'].get('max_memory') else "")
+        + f"; the policy the qtune runs ran: {policies(report)}.",
         "",
         f"{short} GEMM rate ({GEMM_N}³, median of 5, start/end): {report['gemm']['start']['gflops']:.0f} / "
         f"{report['gemm']['end']['gflops']:.0f} GFLOP/s → {rate:.0f} GFLOP/s used. Step FLOPs "
@@ -200,10 +216,10 @@ def write_report(report: dict, out_dir: Path) -> None:
     print("\n".join(lines))
 
 
-def rebuild_report(out_dir: Path, compute_dtype: str = "bfloat16") -> None:
+def rebuild_report(out_dir: Path, compute_dtype: str = "bfloat16", tag: str | None = None) -> None:
     """Summaries and ratios again from the raw runs kept in bench_peft.json (bench_peft_fp32.json for
     float32; after a change of how they are summarized), then the same markdown and chart."""
-    report = json.loads((out_dir / f"{report_stem(compute_dtype)}.json").read_text())
+    report = json.loads((out_dir / f"{report_stem(compute_dtype, tag)}.json").read_text())
     results = report["results"]
     for m, e in results.items():
         runs = e["runs"]
@@ -283,12 +299,17 @@ def parent_main(args) -> None:
             runs = {"qtune": [], "peer": []}
             unavailable = None
             for rep in range(args.repeats):
+                if args.max_memory == "peer" and m not in PEERLESS:
+                    # the peer runs first in each pair: its measured peak RSS is the next qtune run's --max-memory
+                    runs["peer"].append(h.run_worker(args, work, "peer", m, f"{m}-peer-{rep}"))
+                    os.environ[workers.MAX_MEMORY_ENV] = f"{runs['peer'][-1]['train_peak_rss_bytes'] / 2**30:.4f}"
                 r = h.run_worker(args, work, "qtune", m, f"{m}-qtune-{rep}")
                 if "unavailable" in r:
                     unavailable = r["unavailable"]
                     break
+                r["max_memory_gib"] = float(os.environ[workers.MAX_MEMORY_ENV]) if os.environ.get(workers.MAX_MEMORY_ENV) else None
                 runs["qtune"].append(r)
-                if m not in PEERLESS:
+                if m not in PEERLESS and args.max_memory != "peer":
                     runs["peer"].append(h.run_worker(args, work, "peer", m, f"{m}-peer-{rep}"))
             results[m] = {"unavailable": unavailable, "runs": runs,
                           "qtune": aggregate(runs["qtune"]), "peer": aggregate(runs["peer"]),
@@ -309,6 +330,7 @@ def parent_main(args) -> None:
             "methods": methods, "data": data_info,
             "machine": {"cpu": h.cpu_name(), "bf16_kernels": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
                         "python": platform.python_version(), "recompute": args.recompute or "default",
+                        "max_memory": args.max_memory,
                         "torch": torch.__version__, "transformers": transformers.__version__,
                         "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
             "gemm": {"start": gemm_start, "end": gemm_end,  # the rate used: median over all 10 timed products
@@ -338,8 +360,12 @@ def main():
                          "(tools/bench_dtype.py; writes bench_peft_fp32.*)")
     ap.add_argument("--recompute", default=None, choices=("default", "full", "max", "auto"),
                     help="qtune's --recompute in its workers (default: qtune's default policy)")
+    ap.add_argument("--max-memory", default=None, metavar="GIB|peer",
+                    help="qtune's --max-memory in its workers (the budget of --recompute auto): GiB, or `peer`: each pair "
+                         "runs the peer first and gives the qtune run the peer's measured peak RSS")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default=None, help="suffix of the result files (bench_peft_TAG.*), e.g. newest or auto")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the table, ratios and chart from --out-dir's bench_peft.json runs; run nothing")
@@ -354,10 +380,16 @@ def main():
         args.compute_dtype = resolve_compute_dtype("auto", "cpu", warn=False)
     if args.recompute:  # the qtune workers read it (tools/workers.py)
         os.environ[workers.RECOMPUTE_ENV] = args.recompute
+    if args.max_memory not in (None, "peer"):
+        try:
+            float(args.max_memory)
+        except ValueError:
+            raise SystemExit(f"--max-memory {args.max_memory!r}: give GiB (e.g. 2.5) or `peer`") from None
+        os.environ[workers.MAX_MEMORY_ENV] = args.max_memory
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.plays < 1 or args.eval_rows < 1:
         raise SystemExit("--steps, --repeats, --plays and --eval-rows must be >= 1, --warmup >= 0")
     if args.report_only:
-        rebuild_report(Path(args.out_dir), args.compute_dtype)
+        rebuild_report(Path(args.out_dir), args.compute_dtype, args.tag)
     elif args.worker:
         workers.worker_main(args)
     else:

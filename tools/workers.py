@@ -82,6 +82,17 @@ def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate 
 
 
 RECOMPUTE_ENV = "QTUNE_BENCH_RECOMPUTE"  # a qtune worker's --recompute (tools/bench_methods.py --recompute)
+MAX_MEMORY_ENV = "QTUNE_BENCH_MAX_MEMORY"  # a qtune worker's --max-memory in GiB (tools/bench_peft.py --max-memory)
+
+
+def qtune_overrides() -> dict:
+    """The qtune worker's config overrides that the parent passed through the environment."""
+    overrides = {}
+    if os.environ.get(RECOMPUTE_ENV):
+        overrides["recompute"] = os.environ[RECOMPUTE_ENV]
+    if os.environ.get(MAX_MEMORY_ENV):
+        overrides["max_memory"] = float(os.environ[MAX_MEMORY_ENV])
+    return overrides
 
 
 def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, compute_dtype: str = "bfloat16",
@@ -89,8 +100,7 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
     from qtune.errors import QtuneError
 
     try:
-        overrides = {"recompute": os.environ[RECOMPUTE_ENV]} if os.environ.get(RECOMPUTE_ENV) else {}
-        run = h.QtuneRun(method, data, work, warmup + steps, compute_dtype, **overrides)
+        run = h.QtuneRun(method, data, work, warmup + steps, compute_dtype, **qtune_overrides())
     except QtuneError as e:
         if "not available" in str(e):
             return {"unavailable": str(e)}

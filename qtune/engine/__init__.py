@@ -24,7 +24,7 @@ from qtune.engine.block import (activation, biases, block_compile_reason, decode
 from qtune.engine.attention import segment_positions
 from qtune.engine.compiled import COMPILED, BlockRunner
 from qtune.engine.fused import STEP_NORMS
-from qtune.engine.linear import route_adapters
+from qtune.engine.linear import hold_dense_weights, route_adapters
 from qtune.engine.loss import IGNORE_INDEX, token_loss
 from qtune.engine.recompute import RecomputePolicy, context_fn
 from qtune.memory import probe
@@ -79,6 +79,8 @@ class Engine:
         probe()
         p, act = self.policy, activation(self.model.config)
         reason = self.compile_reason or block_compile_reason(layer)
+        if p.keep_weights and reason is None and self.runner.failure is None and torch.is_grad_enabled():
+            hold_dense_weights(layer, h.dtype)  # --recompute weights: made at the layer's first training forward
         h = self.runner.run(i, decoder_block, (layer, h, cos, sin, mask, self.attention, p.keep_attention,
                                                p.keep_down, act, p.keep_mlp), reason, self.checkpointing)
         if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
@@ -141,7 +143,7 @@ class Engine:
                   "layers": {"compiled": sum(r == COMPILED for r in paths.values()), "eager": sum(eager.values())},
                   "reasons": dict(eager),
                   "recompute": {"level": p.level, "checkpointing": self.checkpointing, "keep_attention": p.keep_attention,
-                                "keep_down": p.keep_down, "keep_mlp": p.keep_mlp}}
+                                "keep_down": p.keep_down, "keep_mlp": p.keep_mlp, "keep_weights": p.keep_weights}}
         failed = [r for r in eager if not r.startswith(CONFIGURED)]
         if failed and not self._warned:
             self._warned = True

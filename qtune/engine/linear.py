@@ -83,9 +83,40 @@ def route_adapters(model: nn.Module, on: bool = True) -> None:
 
 # --- traced (inside a compiled block) ---------------------------------------------------------------
 
+DENSE = "qtune_dense_weight"  # a QuantLinear's held dequantized weight (--recompute weights): a non-persistent buffer
+
+
 def traced_base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen base weight (out, in) in `dtype` through traceable ops (bitsandbytes' registered ones)."""
-    return base.qweight.dequantize_traced(dtype) if isinstance(base, QuantLinear) else base.weight.to(dtype)
+    """The frozen base weight (out, in) in `dtype` through traceable ops (bitsandbytes' registered ones), or the
+    dequantized copy the layer holds (--recompute weights)."""
+    if not isinstance(base, QuantLinear):
+        return base.weight.to(dtype)
+    dense = getattr(base, DENSE, None)
+    if dense is not None and dense.dtype == dtype:
+        return dense
+    return base.qweight.dequantize_traced(dtype)
+
+
+def hold_dense_weights(layer: nn.Module, dtype: torch.dtype) -> None:
+    """--recompute weights: each in-memory QuantLinear of `layer` holds its weight dequantized to `dtype`, made once
+    by the same operators a compiled block traces (so its values are the ones that block would compute), as a
+    non-persistent buffer (it moves with the module and is never saved). Idempotent."""
+    for m in layer.modules():
+        if isinstance(m, QuantLinear) and type(m.qweight) is QuantizedWeight:
+            held = getattr(m, DENSE, None)
+            if held is None or held.dtype != dtype or held.device != m.qweight.packed.device:
+                with torch.no_grad():
+                    m.register_buffer(DENSE, m.qweight.dequantize_traced(dtype), persistent=False)
+
+
+def drop_dense_weights(model: nn.Module) -> int:
+    """Free every held dequantized weight; returns how many there were."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and DENSE in m._buffers:
+            del m._buffers[DENSE]
+            n += 1
+    return n
 
 
 def _lora(layer, x, h):

@@ -10,9 +10,14 @@ One setting, `--recompute`:
 - `max`: default, and gate/up's outputs too (the MLP's two widest GEMMs and their dequantizations: the
   recomputation's most expensive work per byte kept), so that the recomputation runs only what feeds them
   no more: its norms and the adapters' skinny products. Compiled blocks.
-- `auto`: the most of max > default > full whose plan (qtune.plan) fits the memory budget: --max-memory,
-  else 90% of the device's memory (qtune.plan.resolve_recompute). Chosen before loading; metrics.jsonl's
-  execution line and `qtune plan` show the choice.
+- `weights`: max, and each quantized linear's dequantized weight in the compute dtype, made once when its layer
+  first runs and held for the run (a non-persistent buffer, never saved): the step dequantizes nothing,
+  neither in the forward nor in backward (the base is frozen, so the copy never goes stale). Costs the
+  base's compute-dtype size; the far end of the policy: what the 4-bit base saves is given back for speed
+  where the budget allows it. Compiled blocks, a quantized base held in memory (not with --offload or fsdp).
+- `auto`: the most of weights > max > default > full whose plan (qtune.plan) fits the memory budget:
+  --max-memory, else 90% of the device's memory (qtune.plan.resolve_recompute). Chosen before loading;
+  metrics.jsonl's execution line and `qtune plan` show the choice.
 Independently of the setting, a linear whose output feeds only the block's residual sum (down_proj
 of LoRA and RoSA) skips its base GEMM in the recomputation: backward reads only the adapter's inputs.
 The older flags --keep-qkv and --dora-stash map onto `keep_attention` and `keep_down`.
@@ -27,8 +32,8 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-CHOICES = ("default", "full", "max", "auto")
-LEVELS = ("max", "default", "full")  # what auto chooses from, the most kept first
+CHOICES = ("default", "full", "max", "weights", "auto")
+LEVELS = ("weights", "max", "default", "full")  # what auto chooses from, the most kept first
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,10 @@ class RecomputePolicy:
     """Keep DoRA's down_proj product u (compiled and eager blocks)."""
     keep_mlp: bool = False
     """Keep gate/up's outputs (DoRA: their products u) (compiled blocks)."""
+    keep_weights: bool = False
+    """Hold each quantized linear's dequantized weight for the run (compiled blocks)."""
     level: str = "default"
-    """The --recompute value this is (auto resolved: max, default or full)."""
+    """The --recompute value this is (auto resolved: weights, max, default or full)."""
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> "RecomputePolicy":
@@ -51,10 +58,11 @@ class RecomputePolicy:
             from qtune.plan import resolve_recompute
 
             level = resolve_recompute(cfg, device)
-        on = level in ("default", "max")
+        on = level in ("default", "max", "weights")
         keep_qkv, dora_stash = getattr(cfg, "keep_qkv", None), getattr(cfg, "dora_stash", None)
         return cls(keep_attention=on if keep_qkv is None else bool(keep_qkv),
-                   keep_down=on if dora_stash is None else bool(dora_stash), keep_mlp=level == "max", level=level)
+                   keep_down=on if dora_stash is None else bool(dora_stash), keep_mlp=level in ("max", "weights"),
+                   keep_weights=level == "weights", level=level)
 
 
 _state = threading.local()
