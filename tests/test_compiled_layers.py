@@ -268,7 +268,7 @@ def test_the_default_run_compiles_every_layer_at_the_embedded_models_shapes(tmp_
     report = model.qtune_engine.execution_report(1)
     assert report["layers"] == {"compiled": 2, "eager": 0} and report["reasons"] == {}
     assert report["recompute"] == {"level": "default", "checkpointing": True, "keep_attention": True,
-                                   "keep_down": True, "keep_mlp": False}
+                                   "keep_down": True, "keep_mlp": False, "keep_weights": False}
 
 
 def _profiled_step(model, ids, mask):

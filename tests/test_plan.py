@@ -267,6 +267,7 @@ def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
     """--recompute max keeps gate/up's outputs: 2·intermediate per token and layer more than default, in the
     layer inputs kept from the forward. auto picks the most-keeping level whose plan fits --max-memory."""
     import qtune.memory
+    import qtune.plan
 
     config = json.loads((tiny_llama / "config.json").read_text())
     i, L = config["intermediate_size"], config["num_hidden_layers"]
@@ -279,7 +280,8 @@ def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
     assert plans["max"].recompute == "max"
     need = {k: p.total_bytes + p.overhead_bytes for k, p in plans.items()}
     assert need["max"] > need["default"] > need["full"]
-    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)  # the budget is --max-memory itself here
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)  # the budget: --max-memory less the CPU margin
+    monkeypatch.setattr(qtune.plan, "AUTO_CPU_RSS_MARGIN", 0.0)
     for level, budget in (("max", need["max"]), ("default", need["max"] - 1), ("full", need["default"] - 1)):
         auto = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=budget / 2**30))
         assert auto.recompute == level, (level, budget)
@@ -295,6 +297,7 @@ def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
     base grows by their numel × 2 bytes in bf16, and no dequantization buffer is needed). auto picks it when it
     fits; with --offload, or where nothing would be held (--bits 16), it skips it."""
     import qtune.memory
+    import qtune.plan
 
     config = json.loads((tiny_llama / "config.json").read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
@@ -308,10 +311,13 @@ def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
     assert w.dequant_buffers == 0 < m.dequant_buffers
     assert w.layer_inputs == m.layer_inputs and w.recompute == "weights"
     assert w.to_json()["dequantized_weights_bytes"] == numel * 2
-    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 2**20)  # what the process holds: part of the limit
     need = w.total_bytes + w.overhead_bytes
-    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=need / 2**30)).recompute == "weights"
-    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need - 1) / 2**30)).recompute == "max"
+    # on the CPU --max-memory bounds RSS: the plan's bytes, what the process holds, and the margin for what steps add
+    limit = (need + 2**20) / (1 - qtune.plan.AUTO_CPU_RSS_MARGIN)
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit + 16) / 2**30)).recompute == "weights"
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit - 64) / 2**30)).recompute == "max"
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need + 2**20 + 16) / 2**30)).recompute != "weights"
     assert plan_memory(TrainConfig(**cfg, recompute="auto", bits=16)).recompute == "max"  # nothing to hold
     res = CliRunner().invoke(main, ["plan", "--model", str(tiny_llama), "--compute-dtype", "bfloat16", "--rank", "4",
                                     "--recompute", "weights"])

@@ -86,6 +86,26 @@ def test_bench_peft_fp32_report_names_its_dtype_and_keeps_the_bf16_table(tmp_pat
     assert (tmp_path / "bench_peft_fp32.png").is_file() and (tmp_path / "bench_peft_fp32.json").is_file()
 
 
+def test_bench_peft_auto_report_checks_each_run_against_its_budget(tmp_path):
+    """--recompute auto --max-memory peer --tag auto: its own file, the auto goal (≥ 2.5×), and each qtune run's
+    peak RSS against the budget it was given (not the default policy's ≤ 0.5×)."""
+    report = _bench_peft_report("bfloat16", 6.0)
+    report["args"]["tag"] = "auto"
+    report["machine"].update(recompute="auto", max_memory="peer")
+    run = {"train_peak_rss_bytes": 1.5 * 2**30, "max_memory_gib": 1.9,
+           "execution": {"recompute": {"level": "weights"}}}
+    report["results"]["qlora"]["runs"] = {"qtune": [run, dict(run)], "peer": []}
+    bench_peft.write_report(report, tmp_path)
+    text = (tmp_path / "bench_peft_auto.md").read_text()
+    assert not (tmp_path / "bench_peft.md").exists()
+    assert "the policy the qtune runs ran: qlora weights at 1.90 GiB, qlora weights at 1.90 GiB" in text
+    assert "tokens/s ≥ 2.5× peer: 3.00× PASS (3× moonshot: reached)" in text
+    assert "each run's peak RSS within its --max-memory: PASS" in text
+    report["results"]["qlora"]["runs"]["qtune"][1]["train_peak_rss_bytes"] = 2 * 2**30  # over its 1.9 GiB
+    bench_peft.write_report(report, tmp_path)
+    assert "each run's peak RSS within its --max-memory: FAIL" in (tmp_path / "bench_peft_auto.md").read_text()
+
+
 def test_worker_command_is_the_protocol_every_checkout_speaks(tmp_path):
     """--against-tree runs the other checkout's own tools/bench_peft.py with only the flags every
     checkout's worker knows (--compute-dtype only when it is not bf16), its qtune first on PYTHONPATH."""
@@ -116,3 +136,28 @@ def test_bench_peft_runs_as_a_file_outside_the_repository(tmp_path):
                           "float32", "--out-dir", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "| qlora | qtune | 2.000 | 500 |" in out.stdout and "tokens/s ≥ 2.0× peer: 2.00× PASS" in out.stdout
+
+
+def test_bench_cli_runs_qtune_train_with_the_bench_workers_config(tmp_path, monkeypatch):
+    """tools/bench_cli compares `qtune train` with bench_peft's qtune worker: its flags must give the worker's own
+    TrainConfig (harness.bench_config), field by field, apart from what only the CLI run has (data, schedule of
+    evaluation and checkpoints)."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    import qtune.train
+    from qtune.cli import main
+    from tools import bench_cli
+
+    args = SimpleNamespace(model_dir=tmp_path / "m", warmup=2, steps=3, compute_dtype="bfloat16", recompute="max")
+    seen = {}
+    monkeypatch.setattr(qtune.train, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    res = CliRunner().invoke(main, ["train", *bench_cli.cli_flags(args, tmp_path, tmp_path / "run")])
+    assert "cfg" in seen, res.output
+    want = harness.bench_config("qlora", 5, "bfloat16", tmp_path / "run", recompute="max")
+    own = {"model", "data", "eval_data", "eval_every", "eval_batches", "save_every"}
+    got = {f.name: getattr(seen["cfg"], f.name) for f in dataclasses.fields(want) if f.name not in own}
+    assert got == {f.name: getattr(want, f.name) for f in dataclasses.fields(want) if f.name not in own}
+    assert seen["cfg"].data == str(tmp_path / "train") and seen["cfg"].eval_every == 0
+    assert seen["cfg"].model is None and want.model is None  # both: the embedded GGUF, the same NF4 codes

@@ -7,7 +7,7 @@ as the benchmark says qtune is?
 
 Both sides run the benchmark's setting (tools/harness.py: SmolLM2-135M-Instruct, seq 256 × batch 4,
 r 16 on all 7 linears, alpha 16, dropout 0, checkpointing, AdamW 2e-4 constant with no warm-up, clip 1.0,
-the CPU's compute dtype) on the same data: the first --plays Shakespeare training plays (all of them by
+the CPU's compute dtype) on the same model (the embedded SmolLM2's GGUF: neither side is given --model) and data: the first --plays Shakespeare training plays (all of them by
 default, as the issue's CLI run used) with Hamlet + Sonnets held out. Each run is its own process:
 - `bench`: tools/bench_peft.py's qtune worker (harness.QtuneRun: build_model, make_optimizer,
   train_step per step) on the rows prepare_data tokenized;
@@ -18,7 +18,7 @@ Each side's figure is the median tokens/s of its timed steps (after --warmup); t
 pair, and the median over pairs. Both sides count the same tokens (non-padding input tokens of the step)
 and time the same span (the micro-batches' slicing through the optimizer step and zero_grad).
 
-Writes tools/results/bench_cli.{md,json}.
+Writes tools/results/bench_cli.{md,json} (bench_cli_TAG.* with --tag TAG).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qtune.engine.recompute import CHOICES as RECOMPUTE_CHOICES
 from tools import harness as h
 from tools import workers
 
@@ -41,7 +42,9 @@ from tools import workers
 def cli_flags(args, work: Path, run_dir: Path) -> list[str]:
     """`qtune train`'s flags for the benchmark's setting (harness.bench_config's values, spelled as flags)."""
     total = args.warmup + args.steps
-    flags = ["--model", str(args.model_dir), "--data", str(work / "train"), "--eval-data", str(work / "held"),
+    # no --model: the embedded SmolLM2's GGUF, what the bench worker loads too (its peers read the bf16 folder converted
+    # from it, whose NF4 codes differ slightly)
+    flags = ["--data", str(work / "train"), "--eval-data", str(work / "held"),
              "--output", str(run_dir), "--method", "qlora", "--bits", "4", "--quant-type", "nf4", "--double-quant",
              "--rank", str(h.RANK), "--alpha", str(h.ALPHA), "--dropout", "0",
              "--target-modules", ",".join(h.TARGETS), "--seq-len", str(h.SEQ_LEN), "--batch-size", str(h.BATCH),
@@ -93,7 +96,8 @@ def summarize(pairs: list[dict]) -> dict:
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_cli.json").write_text(json.dumps(report, indent=1))
+    stem = "bench_cli" + (f"_{report['args']['tag']}" if report["args"].get("tag") else "")
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     s, m, a = report["summary"], report["machine"], report["args"]
     lines = [f"# `qtune train` against bench_peft's qtune worker ({m['cpu']}, {m['threads']} threads)", "",
              f"CPU class: {'bf16 kernels (AVX512-BF16/AMX)' if m['bf16_kernels'] else 'no bf16 kernels (AVX2-only class)'}; "
@@ -107,7 +111,7 @@ def write_report(report: dict, out_dir: Path) -> None:
         lines.append(f"| {i + 1} | {b:.0f} | {c:.0f} | {c / b:.3f}× | max rel. difference {same:.1e} |")
     lines += ["", f"**Median: qtune train {s['cli_tokens_per_s']:.0f} tok/s, the bench worker {s['bench_tokens_per_s']:.0f} "
                   f"tok/s: {s['ratio']:.3f}×** (pairs {', '.join(f'{r:.3f}' for r in s['pair_ratios'])}).", ""]
-    (out_dir / "bench_cli.md").write_text("\n".join(lines))
+    (out_dir / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -118,8 +122,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--plays", type=int, default=1000, help="training plays (default: all)")
     ap.add_argument("--compute-dtype", default="auto", choices=("auto", "bfloat16", "float32"))
-    ap.add_argument("--recompute", default=None, choices=("default", "full", "max", "auto"))
+    ap.add_argument("--recompute", default=None, choices=RECOMPUTE_CHOICES)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default=None, help="suffix of the result files (bench_cli_TAG.*), e.g. newest")
     args = ap.parse_args()
     import platform
 

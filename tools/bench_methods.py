@@ -11,6 +11,8 @@
                                                        # against qtune's fused block, on the same Llama
     python -m tools.bench_methods --methods qlora --recompute max
                                                        # --recompute max against the default policy, same method
+    python -m tools.bench_methods --methods qlora --recompute weights --recompute-base max
+                                                       # one policy against another
 
 (from the repository root: tools/harness.py is imported as tools.harness.)
 
@@ -45,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qtune.engine.recompute import CHOICES as RECOMPUTE_CHOICES
 from tools import harness as h
 
 GOALS = {"qdora": 1.15, "qrosa": 1.3}  # step time / our QLoRA's, from the speed issue
@@ -175,7 +178,9 @@ def main() -> None:
     ap.add_argument("--generic", action="store_true",
                     help="each method on the generic path (transformers' forward, QTUNE_GENERIC=1) against the same "
                          "method on qtune's fused block, in lockstep")
-    ap.add_argument("--recompute", default=None, choices=("max", "full", "auto"),
+    ap.add_argument("--recompute-base", default="default", choices=[c for c in RECOMPUTE_CHOICES if c != "auto"],
+                    help="with --recompute: the policy it is compared with (default: default)")
+    ap.add_argument("--recompute", default=None, choices=[c for c in RECOMPUTE_CHOICES if c != "default"],
                     help="each method under this --recompute against itself under the default policy, in lockstep")
     ap.add_argument("--against-tree", metavar="DIR", default=None,
                     help="before/after of a code change: each method against the same method run from DIR, another "
@@ -216,10 +221,13 @@ def main() -> None:
                 elif args.recompute:  # the method under --recompute LEVEL against itself under default
                     from tools.workers import RECOMPUTE_ENV
 
-                    label = f"{m}@{args.recompute}"
-                    pair = lockstep_pair(args, work, (m, label), f"{m}-{rep}",
-                                         {label: (m, None, {RECOMPUTE_ENV: args.recompute})})
-                    ref, run = pair[m], pair[label]
+                    label, base = f"{m}@{args.recompute}", args.recompute_base
+                    base_label = m if base == "default" else f"{m}@{base}"
+                    trees_ = {label: (m, None, {RECOMPUTE_ENV: args.recompute})}
+                    if base != "default":
+                        trees_[base_label] = (m, None, {RECOMPUTE_ENV: base})
+                    pair = lockstep_pair(args, work, (base_label, label), f"{m}-{rep}", trees_)
+                    ref, run = pair[base_label], pair[label]
                 elif args.sequential:
                     ref = h.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
                     run = h.run_worker(args, work, "qtune", m, f"{m}-{rep}")
@@ -259,12 +267,13 @@ def main() -> None:
         mode = ("each method on the generic path (transformers' forward, QTUNE_GENERIC=1) and on qtune's fused block "
                 "in lockstep; the \"QLoRA\" columns are the fused block's, the ratio generic / fused")
     if args.recompute:
-        mode = (f"each method under --recompute {args.recompute} and under the default policy in lockstep; the "
-                f"\"QLoRA\" columns are the default policy's, the ratio {args.recompute} / default")
+        base = getattr(args, "recompute_base", "default")
+        mode = (f"each method under --recompute {args.recompute} and under --recompute {base} in lockstep; the "
+                f"\"QLoRA\" columns are {base}'s, the ratio {args.recompute} / {base}")
     if tree:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
     versus = ("another checkout" if tree else "the fused block (generic path)" if args.generic
-              else "the default recomputation" if args.recompute else "qtune QLoRA")
+              else f"--recompute {getattr(args, 'recompute_base', 'default')}" if args.recompute else "qtune QLoRA")
     lines = [f"# qtune methods vs {versus} ({h.cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "

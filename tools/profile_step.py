@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qtune.engine.loss import CE_VOCAB_BLOCK
+from qtune.engine.recompute import CHOICES as RECOMPUTE_CHOICES
 from qtune.memory import MemoryMeter
 from tools import harness as h
 
@@ -103,7 +104,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the step's compute dtype (float32 on CPUs without bf16 kernels: tools/bench_dtype.py)")
-    ap.add_argument("--recompute", default="default", choices=("default", "full", "max"),
+    ap.add_argument("--recompute", default="default", choices=[c for c in RECOMPUTE_CHOICES if c != "auto"],
                     help="qtune's --recompute (what a checkpointed layer keeps from its forward)")
     ap.add_argument("--shapes", type=int, default=0, help="also list the N GEMM shapes losing the most time")
     ap.add_argument("--out", default=None, help="markdown file to write (default: print only)")
