@@ -334,12 +334,21 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
     return load_config(resolve_model_dir(model), trust_remote_code)
 
 
-AUTO_CPU_RSS_MARGIN = 0.10  # of --max-memory, left free by --recompute auto's choice on the CPU (see resolve_recompute)
+# what --recompute auto leaves free of --max-memory on the CPU, beyond the plan's tensors and the RSS the process has when
+# it chooses: what building the model adds besides its tensors (tokenizer, modeling code, the loader: 0.27 GiB) and
+# what the steps add besides theirs (compiled graphs' state, glibc's retained free memory: 0.13 GiB in bf16, 0.27 GiB
+# in float32), measured at the bench setting on SmolLM2 (docs/benchmarks.md, 2026-12-06), plus a share of the limit
+AUTO_CPU_RSS_FIXED, AUTO_CPU_RSS_FRACTION = 2**29, 0.05
+
+
+def auto_cpu_headroom(limit: int) -> int:
+    """Bytes of a --max-memory `limit` that --recompute auto leaves free on the CPU (see the constants above)."""
+    return AUTO_CPU_RSS_FIXED + int(AUTO_CPU_RSS_FRACTION * limit)
 
 
 def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
     """--recompute auto: the most-keeping of weights > max > default > full whose plan fits the budget:
-    --max-memory (on the CPU less what the process already holds and AUTO_CPU_RSS_MARGIN of it), else 90% of the
+    --max-memory (on the CPU less what the process already holds and auto_cpu_headroom), else 90% of the
     device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks)."""
     from qtune.engine.recompute import LEVELS
     from qtune.memory import current_rss_bytes
@@ -348,9 +357,8 @@ def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
     if cfg.max_memory > 0:
         limit = int(cfg.max_memory * 2**30)
         # on the CPU the limit bounds RSS, which holds more than the plan's tensors: what the process holds already,
-        # and the compiled graphs' state and the allocator's retained free memory that the steps add (measured at the
-        # bench setting: 0.13 GiB in bf16, 0.27 GiB in float32 under --recompute weights; docs/benchmarks.md)
-        budget = limit - (current_rss_bytes() + int(AUTO_CPU_RSS_MARGIN * limit) if device == "cpu" else 0)
+        # and what loading and the steps add besides tensors (auto_cpu_headroom)
+        budget = limit - (current_rss_bytes() + auto_cpu_headroom(limit) if device == "cpu" else 0)
     else:
         budget = int(0.9 * device_memory_bytes(torch.device(device)))
     for level in LEVELS:

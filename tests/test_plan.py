@@ -281,7 +281,7 @@ def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
     need = {k: p.total_bytes + p.overhead_bytes for k, p in plans.items()}
     assert need["max"] > need["default"] > need["full"]
     monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)  # the budget: --max-memory less the CPU margin
-    monkeypatch.setattr(qtune.plan, "AUTO_CPU_RSS_MARGIN", 0.0)
+    monkeypatch.setattr(qtune.plan, "auto_cpu_headroom", lambda limit: 0)
     for level, budget in (("max", need["max"]), ("default", need["max"] - 1), ("full", need["default"] - 1)):
         auto = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=budget / 2**30))
         assert auto.recompute == level, (level, budget)
@@ -314,7 +314,8 @@ def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
     monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 2**20)  # what the process holds: part of the limit
     need = w.total_bytes + w.overhead_bytes
     # on the CPU --max-memory bounds RSS: the plan's bytes, what the process holds, and the margin for what steps add
-    limit = (need + 2**20) / (1 - qtune.plan.AUTO_CPU_RSS_MARGIN)
+    limit = (need + 2**20 + qtune.plan.AUTO_CPU_RSS_FIXED) / (1 - qtune.plan.AUTO_CPU_RSS_FRACTION)
+    assert qtune.plan.auto_cpu_headroom(int(limit)) >= 2**29
     assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit + 16) / 2**30)).recompute == "weights"
     assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit - 64) / 2**30)).recompute == "max"
     assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need + 2**20 + 16) / 2**30)).recompute != "weights"
