@@ -3,6 +3,8 @@
     python -m tools.bench_peft                                   # all methods, 20 timed steps, 2 repeats
     python -m tools.bench_peft --methods qlora --steps 40 --repeats 3
     python -m tools.bench_peft --compute-dtype float32           # both sides in fp32: CPUs without bf16 kernels
+    python -m tools.bench_peft --methods qlora --recompute auto --max-memory peer --tag auto
+                                                                 # auto within the peer's measured peak RSS
     python -m tools.bench_peft --report-only                     # the table and chart again from bench_peft.json
 
 (`python tools/bench_peft.py ...` works too: this file is also every checkout's worker entry point.)
@@ -314,6 +316,9 @@ def parent_main(args) -> None:
                 if args.max_memory == "peer" and m not in PEERLESS:
                     # the peer runs first in each pair: its measured peak RSS is the next qtune run's --max-memory
                     runs["peer"].append(h.run_worker(args, work, "peer", m, f"{m}-peer-{rep}"))
+                    if "train_peak_rss_bytes" not in runs["peer"][-1]:
+                        raise SystemExit(f"--max-memory peer: the peer's run {rep} failed, so there is no budget to give "
+                                         f"qtune's ({runs['peer'][-1].get('error', '')[:300]})")
                     os.environ[workers.MAX_MEMORY_ENV] = f"{runs['peer'][-1]['train_peak_rss_bytes'] / 2**30:.4f}"
                 r = h.run_worker(args, work, "qtune", m, f"{m}-qtune-{rep}")
                 if "unavailable" in r:
