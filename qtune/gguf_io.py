@@ -140,8 +140,11 @@ def _save_metadata(path: Path, config, tokenizer) -> None:
     target = metadata_dir(path)
     if (target / "config.json").is_file():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError:  # a read-only cache: the next load parses the file again
+        return
     try:
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -149,7 +152,7 @@ def _save_metadata(path: Path, config, tokenizer) -> None:
             os.replace(tmp, target)
         except OSError:  # another process wrote it first
             pass
-    except OSError:  # a read-only cache: the next load parses the file again
+    except OSError:  # no room to write it: the next load parses the file again
         pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

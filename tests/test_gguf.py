@@ -296,6 +296,27 @@ def test_a_gguf_files_config_and_tokenizer_are_parsed_once_then_read_from_their_
     assert tok.pad_token_id is not None and tok.eos_token == ref_tok.eos_token
 
 
+def test_an_unwritable_cache_still_loads_a_gguf_files_tokenizer(gguf_of, monkeypatch, tmp_path):
+    """Where the saved copy cannot be written (a read-only $QTUNE_CACHE), the tokenizer still comes from the file."""
+    import tempfile
+
+    from qtune import gguf_io
+    from qtune.loader import load_tokenizer
+
+    monkeypatch.setenv("QTUNE_CACHE", str(tmp_path / "cache"))  # one where no earlier test saved this file's copy
+    path = gguf_of("qwen2")
+    assert not (gguf_io.metadata_dir(path) / "config.json").exists()
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    tok = load_tokenizer(path)
+    assert tok(SENTENCES[0])["input_ids"] == AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)(
+        SENTENCES[0])["input_ids"]
+    assert not gguf_io.metadata_dir(path).exists()
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 def test_folders_with_several_or_split_gguf_files_are_refused_by_name(gguf_of, tmp_path):
