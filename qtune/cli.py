@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from qtune.config import RECOMPUTE
 from qtune.errors import QtuneError
 
 EPILOG = """\b
@@ -75,7 +76,7 @@ TRAIN_OPTIONS = [
     _opt("--loftq-start", help="LoftQ's first factors: pissa (default; lower error) or zero (as published)."),
     _opt("--dora-detach-norm/--no-dora-detach-norm", default=None,
          help="QDoRA: norm as a constant in backward (DoRA §4.3; default on)."),
-    _opt("--recompute", type=click.Choice(["default", "full", "max", "weights", "auto"]),
+    _opt("--recompute", type=click.Choice(RECOMPUTE),
          help="What a checkpointed layer keeps from its forward so that its recomputation skips work: default "
               "keeps the attention's q, k, v and output and QDoRA's down_proj product (faster, a few activations "
               "per layer); full keeps nothing extra (least memory); max also keeps gate/up's outputs; weights also "

@@ -26,6 +26,7 @@ METHOD_OPTIONS = {"lokr_factor": ("lokr",), "rank_init": ("adalora",), "budget_s
 # one segment per row, so that an example attends to those packed before it and continues their positions
 # (qtune's behaviour before per-example masks; kept for the benchmarks that measure the difference)
 PACKING = ("per-example", "none", "contaminated")
+RECOMPUTE = ("default", "full", "max", "weights", "auto")  # --recompute (qtune.engine.recompute)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DEFAULT_TARGETS = ("all-linear",)  # every linear inside the decoder layers (qtune.architectures)
 
@@ -199,8 +200,7 @@ class TrainConfig:
         _check(self.rank > 0, f"--rank must be positive, got {self.rank}", "pass e.g. --rank 16")
         _check(self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}", "pass e.g. --seq-len 512")
         _check(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. --batch-size 4")
-        _check(self.recompute in ("default", "full", "max", "weights", "auto"), f"unknown --recompute {self.recompute!r}",
-               "use default, full, max, weights or auto")
+        _check(self.recompute in RECOMPUTE, f"unknown --recompute {self.recompute!r}", f"use one of {', '.join(RECOMPUTE)}")
         _check(not (self.recompute == "weights" and self.offload != "none"),
                f"--recompute weights holds the dequantized base in memory, and --offload {self.offload} streams the base "
                "from elsewhere instead", "use --recompute max (or auto) with --offload, or --offload none")

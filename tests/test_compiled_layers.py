@@ -309,6 +309,19 @@ def test_kept_attention_skips_its_gemms_in_the_recomputation(tiny_llama, tmp_pat
         torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)
 
 
+def _policy_step(tiny_llama, tmp_path, method: str, recompute: str):
+    """A compiled fp32 model of `method` under --recompute `recompute` (DoRA's magnitudes moved away from the norms,
+    so that m/n matters), compiled by one step and profiled in the next: (model, loss, grads, op counts, execution line)."""
+    torch.manual_seed(2)
+    model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
+    for m in model.modules():
+        if hasattr(m, "magnitude"):
+            m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
+    ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
+    return model, loss, grads, counts, model.qtune_engine.execution_report(1)
+
+
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
 def test_recompute_max_keeps_gate_up_and_skips_their_gemms(tiny_llama, tmp_path, compiled, method):
     """--recompute max: the checkpoint also keeps gate/up's outputs (QDoRA: their products u), so the
@@ -318,14 +331,7 @@ def test_recompute_max_keeps_gate_up_and_skips_their_gemms(tiny_llama, tmp_path,
     from qtune.loader import load_config
 
     def run(recompute: str):
-        torch.manual_seed(2)
-        model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
-        for m in model.modules():  # DoRA: magnitudes away from the norms, so that m/n matters
-            if hasattr(m, "magnitude"):
-                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
-        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
-        report = model.qtune_engine.execution_report(1)
+        _, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute)
         return (loss, grads, sum(counts.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")),
                 counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0), report)
 
@@ -354,14 +360,8 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     from quant import QuantLinear
 
     def run(recompute: str):
-        torch.manual_seed(2)
-        model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
-        for m in model.modules():  # DoRA: magnitudes away from the norms, so that m/n matters
-            if hasattr(m, "magnitude"):
-                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
-        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
-        return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), model.qtune_engine.execution_report(1)
+        model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute)
+        return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), report
 
     model, loss_w, grads_w, deq_w, report = run("weights")
     _, loss_m, grads_m, deq_m, _ = run("max")
@@ -391,13 +391,7 @@ def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, t
     from qtune.loader import load_config
 
     def run(recompute: str):
-        torch.manual_seed(2)
-        model = _model(tiny_llama, tmp_path, method="qdora", compute_dtype="float32", recompute=recompute)
-        for m in model.modules():  # magnitudes away from the norms, so that m/n matters
-            if hasattr(m, "magnitude"):
-                m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
-        ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        loss, grads, counts = _profiled_step(model, ids, torch.ones_like(ids))
+        _, loss, grads, counts, _ = _policy_step(tiny_llama, tmp_path, "qdora", recompute)
         return (loss, grads, counts.get("qtune::linear_lora", 0), counts.get("bitsandbytes::dequantize_4bit", 0),
                 counts.get("qtune::keep", 0))
 

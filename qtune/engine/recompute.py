@@ -32,7 +32,8 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-CHOICES = ("default", "full", "max", "weights", "auto")
+from qtune.config import RECOMPUTE as CHOICES  # the --recompute values (TrainConfig validates them)
+
 LEVELS = ("weights", "max", "default", "full")  # what auto chooses from, the most kept first
 
 
