@@ -80,8 +80,10 @@ TRAIN_OPTIONS = [
          help="What a checkpointed layer keeps from its forward so that its recomputation skips work: default "
               "keeps the attention's q, k, v and output and QDoRA's down_proj product (faster, a few activations "
               "per layer); full keeps nothing extra (least memory); max also keeps gate/up's outputs; weights also "
-              "holds the base's dequantized weights for the run (fastest; + the base's 16-bit size); auto: the most "
-              "of weights > max > default > full whose plan fits --max-memory (else 90% of the device)."),
+              "holds the base's dequantized weights for the run (+ the base's 16-bit size); none recomputes nothing "
+              "(no checkpointing, the base held as with weights: fastest, every layer's activations kept); auto: the "
+              "most of none > weights > max > default > full whose plan fits --max-memory (else 90% of the device; none "
+              "only where layers run eagerly: on GPUs, --no-compile)."),
     _opt("--dora-stash/--no-dora-stash", default=None,
          help="Older form of --recompute's QDoRA down_proj part (kept working)."),
     _opt("--keep-qkv/--no-keep-qkv", default=None,

@@ -26,7 +26,7 @@ METHOD_OPTIONS = {"lokr_factor": ("lokr",), "rank_init": ("adalora",), "budget_s
 # one segment per row, so that an example attends to those packed before it and continues their positions
 # (qtune's behaviour before per-example masks; kept for the benchmarks that measure the difference)
 PACKING = ("per-example", "none", "contaminated")
-RECOMPUTE = ("default", "full", "max", "weights", "auto")  # --recompute (qtune.engine.recompute)
+RECOMPUTE = ("default", "full", "max", "weights", "none", "auto")  # --recompute (qtune.engine.recompute)
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 DEFAULT_TARGETS = ("all-linear",)  # every linear inside the decoder layers (qtune.architectures)
 
@@ -64,8 +64,9 @@ class TrainConfig:
     """What a checkpointed decoder layer keeps from its forward so that its recomputation skips work
     (qtune.engine.recompute): default (the attention's q, k, v and output; QDoRA's down_proj product),
     full (nothing extra: least memory), max (default and gate/up's outputs), weights (max and the base's
-    dequantized weights, held for the run) or auto (the most of weights > max > default > full that the plan
-    fits in --max-memory, else in 90% of the device)."""
+    dequantized weights, held for the run), none (no checkpointing at all, the base held as weights holds it)
+    or auto (the most of none > weights > max > default > full that the plan fits in --max-memory, else in
+    90% of the device; none only where the layers run eagerly)."""
     dora_stash: bool | None = None
     """Older form of recompute's QDoRA down_proj part; None = as recompute says."""
     keep_qkv: bool | None = None

@@ -92,10 +92,11 @@ def shard_model(model: nn.Module, d, device: torch.device) -> None:
     if engine.unsupported is not None:
         raise QtuneError(f"--distributed fsdp runs qtune's decoder block, and this model runs transformers' forward "
                          f"({engine.unsupported}). Use --distributed ddp for it.")
-    if engine.policy.keep_weights:  # --recompute auto chose it for one process: held copies would undo the shards
-        from qtune.engine.linear import drop_dense_weights
+    if engine.policy.keep_weights:  # --recompute auto chose weights or none for one process: held copies would undo
+        from qtune.engine.linear import drop_dense_weights  # the shards (none stays uncheckpointed, without them)
 
-        engine.policy = dataclasses.replace(engine.policy, keep_weights=False, level="max")
+        level = "max" if engine.policy.level == "weights" else engine.policy.level
+        engine.policy = dataclasses.replace(engine.policy, keep_weights=False, level=level)
         drop_dense_weights(model)
     mesh = init_device_mesh(device.type, (d.world,))
     layers = list(model.model.layers)

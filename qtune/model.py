@@ -56,13 +56,13 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     if cfg.offload_activations and not torch.cuda.is_available():
         warnings.warn("--offload-activations: activations are in host memory already on this CPU-only machine; "
                       "nothing to offload (ignored).", stacklevel=2)
+    policy = RecomputePolicy.from_config(cfg, device)  # --recompute auto resolved by the plan
     engine = Engine(model, attention=choose_attention(model.config, cfg.batch_size, cfg.seq_len,
-                                                      cfg.gradient_checkpointing, compute_dtype, device),
-                    policy=RecomputePolicy.from_config(cfg, device), checkpointing=cfg.gradient_checkpointing,
-                    compile_reason=compile_reason(cfg, device))
+                                                      policy.checkpointing, compute_dtype, device),
+                    policy=policy, checkpointing=policy.checkpointing, compile_reason=compile_reason(cfg, device))
     model.qtune_engine = engine
     route_adapters(model)  # transformers' own forward (generation, the generic path) runs the fused nodes too
-    if cfg.gradient_checkpointing:  # for transformers' own forward: the generic path, RoSA's mask selection
+    if policy.checkpointing:  # for transformers' own forward: the generic path, RoSA's mask selection
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise QtuneError(f"{model.config.model_type!r} does not support gradient checkpointing in transformers, "
                              "which qtune's generic path uses for it. Pass --no-gradient-checkpointing.")
@@ -89,8 +89,6 @@ def compile_reason(cfg: TrainConfig, device: str = "cpu") -> str | None:
         return f"method {cfg.method}"
     if device != "cpu":
         return "not on cpu"
-    if not cfg.gradient_checkpointing:
-        return "no checkpointing"
     if cfg.dropout:
         return "dropout"
     if cfg.method == "qdora" and not cfg.dora_detach_norm:

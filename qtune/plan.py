@@ -16,8 +16,10 @@ Each term is computed for qtune's own implementation (what its meter measures):
   adapter's down-projection h = x·Aᵀ, b·t·r, qtune.engine.ops.lora_down, and with --recompute default the attention's q, k and v, b·t·(heads + 2·kv heads)·head_dim, and its output, b·t·h,
   or as many bytes of DoRA's q/k/v/o products u) plus, during one layer's
   recomputation and backward, that layer's internals (enumerated in `layer_internals_bytes`; DoRA
-  adds each adapter's (tokens × out) product); without checkpointing, every layer's saved
-  internals (the gradient buffers of a layer's backward exist for one layer at a time either way).
+  adds each adapter's (tokens × out) product); without checkpointing (--recompute none,
+  --no-gradient-checkpointing), every layer's saved internals (a compiled layer's: its norms' inputs
+  rather than their fp32 copies, and its dequantized weights unless none holds them); the gradient
+  buffers of a layer's backward exist for one layer at a time either way.
 - attention masks: qtune's block builds one additive (b, 1, t, t) mask per distinct sliding window,
   block-diagonal over the packed examples (from a boolean one); transformers' forward (the generic path),
   one boolean mask per layer type; they live from the forward to the end of backward.
@@ -75,6 +77,7 @@ class Plan:
     recompute: str = "default"  # the recomputation policy planned (--recompute auto resolved)
     kept: int = 0  # bytes the checkpoints keep beyond each layer's input (part of layer_inputs)
     dense: int = 0  # --recompute weights: the held dequantized base (part of base_weights)
+    compiled: bool = False  # whether the decoder layers run as compiled graphs (qtune.model.compiles_layers)
     loss_phase: int = 0
     backward_phase: int = 0
 
@@ -125,7 +128,7 @@ def quantized_linear_bytes(numel: int, bits: int, double_quant: bool = True, com
 
 def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float,
                           attention: str = "sdpa", split: bool = False,
-                          extra_per_token: int = 0) -> int | tuple[int, int]:
+                          extra_per_token: int = 0, compiled: bool = False) -> int | tuple[int, int]:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
 
     With eager attention (qtune.engine.attention.choose_attention) the softmax output (fp32) and its
@@ -138,12 +141,14 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     split=True returns (saved, transient): what autograd keeps until the layer's backward is done,
     and the gradient buffers that exist only during it (one layer at a time, checkpointing or not).
     extra_per_token: bytes a method's adapters keep besides (x Aᵀ) (DoRA: its (tokens × out) products).
+    compiled: an uncheckpointed compiled layer, whose graph saves each RMSNorm's input and its fp32 reciprocal
+    RMS (inductor recomputes the fp32 copy and the output in backward); measured at SmolLM2's bench setting.
     """
     h, i = config.hidden_size, config.intermediate_size
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d = getattr(config, "head_dim", None) or h // nh
     norms = 4 if config.model_type.startswith("gemma") else 2  # Gemma's sandwich: two more per layer
-    per_token = (norms * (4 + c) * h                # input and post-attention RMSNorm (and Gemma's two more)
+    per_token = (norms * ((c * h + 4) if compiled else (4 + c) * h)  # input and post-attention RMSNorm (Gemma's 4)
                  + c * qkv_width(config)            # q, k, v (after rotary)
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
@@ -246,11 +251,12 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
 
     b, t, L = cfg.batch_size, cfg.seq_len, config.num_hidden_layers
     per_layer = len(targets) // L
-    attention = choose_attention(config, b, t, cfg.gradient_checkpointing, cfg.compute_dtype, device)
     policy = RecomputePolicy.from_config(cfg, device)
+    ckpt = policy.checkpointing  # off with --recompute none or --no-gradient-checkpointing
+    attention = choose_attention(config, b, t, ckpt, cfg.compute_dtype, device)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
     # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
-    stash = fused_dora and cfg.gradient_checkpointing and policy.keep_down and "down_proj" in leaves
+    stash = fused_dora and ckpt and policy.keep_down and "down_proj" in leaves
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)
     dora_out = (sum(m.out_features for n, m in targets.items() if not (stash and n.endswith("down_proj"))) // L
@@ -259,10 +265,16 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     kept = sum(layer_cls.saved_per_token(m, cfg.rank, layer_cls.layer_options(skeleton, n, options)) - cfg.rank
                for n, m in targets.items()) // L
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
-                                             extra_per_token=c * (dora_out + kept))
+                                             extra_per_token=c * (dora_out + kept), compiled=compiled and not ckpt)
+    sizes = [m.in_features * m.out_features for m in linears.values()]
+    # --recompute weights / none: every quantized linear's dequantized copy, held for the run (compiled blocks of
+    # one process, or of ddp's; fsdp drops them: qtune.fsdp.shard_model)
+    held = policy.keep_weights and compiled and cfg.bits != 16 and not streamed and strategy != "fsdp"
+    if compiled and not ckpt and cfg.bits != 16 and not held:
+        saved += sum(sizes) // L * c  # its dequantized weights, saved by the graph for dL/dx (none holds them instead)
     # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)
     layer_inputs = L * b * t * config.hidden_size * c * (2 if stash else 1)
-    if cfg.gradient_checkpointing and compiled:  # and each adapter's h = x·Aᵀ (lora_down)
+    if ckpt and compiled:  # and each adapter's h = x·Aᵀ (lora_down)
         layer_inputs += L * b * t * cfg.rank * per_layer * c
         if policy.keep_attention:  # and q, k, v (qtune.engine.block.attention): counted there, not again in the layer's internals
             layer_inputs += L * b * t * qkv_width(config) * c
@@ -286,7 +298,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     masks = mask_bytes(b, t, windows, c) if unsupported_reason(skeleton) is None else b * t * t * windows
     internals = saved + transient  # one layer's, during its recomputation and backward
     # without checkpointing every layer keeps its saved tensors; the gradient buffers are one layer's either way
-    activations = layer_inputs + internals if cfg.gradient_checkpointing else L * saved + transient + layer_inputs
+    activations = layer_inputs + internals if ckpt else L * saved + transient + layer_inputs
     vocab, hidden = config.vocab_size, config.hidden_size
     softcap = head_of(config).softcap is not None  # Gemma's soft-capped logits: full-vocabulary chunks, and the slope
     if cfg.compile and qcompile.env_enabled() and not softcap:  # one vocabulary block's logits and the chunk's sums
@@ -295,12 +307,12 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     else:  # one chunk's full-vocabulary logits
         logits = min(ce_chunk_tokens(vocab, softcap), b * t) * vocab * (CE_SOFTCAP_BYTES_PER_LOGIT if softcap else CE_BYTES_PER_LOGIT)
     logits += 2 * b * t * hidden * c  # and the final hidden states and their gradient (n, h)
-    sizes = [m.in_features * m.out_features for m in linears.values()]
-    # --recompute weights: every quantized linear's dequantized copy, held for the run (compiled blocks)
-    dense = sum(sizes) * c if policy.keep_weights and compiled and cfg.bits != 16 and not streamed and cfg.gradient_checkpointing else 0
+    dense = sum(sizes) * c if held else 0
     base += dense
     if cfg.bits == 16 or dense:
         dequant = 0
+    elif compiled and not ckpt:  # an uncheckpointed compiled layer saves its dequantized weights for its backward
+        dequant = 0  # (counted in its saved internals above), which dequantizes nothing again
     elif compiled:  # a compiled layer's backward holds all its dequantized weights
         dequant = sum(sizes) // L * c
     else:
@@ -309,8 +321,9 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     plan = Plan(base, adapter_params, grads, optimizer, activations, logits, dequant, 0, trainable, layer_inputs,
                 loss_phase=layer_inputs + masks + logits,
                 backward_phase=backward_peak(activations - internals - masks, grads, L) + masks + internals + dequant,
-                masks=masks, recompute=policy.level if cfg.gradient_checkpointing else "off (no checkpointing)", dense=dense,
-                kept=max(0, layer_inputs - L * b * t * config.hidden_size * c) if cfg.gradient_checkpointing else 0)
+                masks=masks, recompute=policy.level if ckpt or policy.level == "none" else "off (no checkpointing)",
+                dense=dense, kept=max(0, layer_inputs - L * b * t * config.hidden_size * c) if ckpt else 0,
+                compiled=compiled)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
 
@@ -347,9 +360,14 @@ def auto_cpu_headroom(limit: int) -> int:
 
 
 def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
-    """--recompute auto: the most-keeping of weights > max > default > full whose plan fits the budget:
+    """--recompute auto: the most-keeping of none > weights > max > default > full whose plan fits the budget:
     --max-memory (on the CPU less what the process already holds and auto_cpu_headroom), else 90% of the
-    device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks)."""
+    device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks);
+    `none` (no checkpointing) only where the layers run eagerly (on a GPU, --no-compile, the generic path): there
+    the recomputation is a whole layer's forward, and none measured 0.82x default's step (bf16, eager CPU layers).
+    Compiled layers under weights recompute only norms and skinny products, and none measured 1.13x weights' step
+    in bf16 there (tools/bench_methods.py, 40 pairs): the uncheckpointed graph saves and rereads more than the
+    checkpointed one recomputes. --recompute none still runs them so when asked."""
     from qtune.engine.recompute import LEVELS
     from qtune.memory import current_rss_bytes
     from qtune.train import device_memory_bytes
@@ -366,6 +384,8 @@ def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
             continue
         p = plan_memory(dataclasses.replace(cfg, recompute=level), device)
         if level == "weights" and not p.dense:
+            continue
+        if level == "none" and p.compiled:  # measured slower than weights there in bf16 (see above)
             continue
         if p.total_bytes + p.overhead_bytes <= budget:
             return level
@@ -384,7 +404,9 @@ def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu", world:
              ("--optim adamw8bit", "optim", "adamw8bit"),
              ("--bits", "bits", 4),
              ("--offload disk", "offload", "disk")]
-    if cfg.method == "qdora" and cfg.gradient_checkpointing and not compiles_layers(cfg, device):  # the stash only exists there
+    if cfg.recompute == "none":  # every layer's activations: checkpoint them again
+        tries.append(("--recompute default", "recompute", "default"))
+    elif cfg.method == "qdora" and cfg.gradient_checkpointing and not compiles_layers(cfg, device):  # the stash only exists there
         tries.append(("--recompute full", "recompute", "full"))
     elif cfg.gradient_checkpointing and compiles_layers(cfg, device):  # q/k/v are kept only there
         tries.append(("--recompute full", "recompute", "full"))
@@ -408,7 +430,7 @@ def format_plan(p: Plan, cfg: TrainConfig, device_memory: float | None = None) -
             ("optimizer states", p.optimizer_states), ("activations", p.activations), ("logits", p.logits),
             ("dequant buffers", p.dequant_buffers)]
     lines = [f"qtune plan: {cfg.method}, {cfg.bits}-bit base, r={cfg.rank}, batch {cfg.batch_size} x seq {cfg.seq_len}, "
-             f"{cfg.optim}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"]
+             f"{cfg.optim}, checkpointing {'off' if p.recompute in ('none', 'off (no checkpointing)') else 'on'}"]
     lines += [f"  {name:<18}{gib(v)}" for name, v in rows]
     lines.insert(6, f"    {'of which masks':<16}{gib(p.masks)}   (attention, {cfg.packing} packing)")
     lines.insert(7, f"    {'of which kept':<16}{gib(p.kept)}   (--recompute {cfg.recompute}"

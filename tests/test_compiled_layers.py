@@ -39,7 +39,7 @@ def _model(tiny_llama, tmp_path, **kw):
     from qtune.model import build_model
 
     cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), rank=4, seq_len=32, batch_size=2,
-                      gradient_checkpointing=True, **kw)
+                      **{"gradient_checkpointing": True, **kw})
     model, *_ = build_model(cfg, tmp_path / "r", progress=False)
     torch.manual_seed(1)
     for m in model.modules():  # non-zero B so that every adapter term matters
@@ -309,11 +309,11 @@ def test_kept_attention_skips_its_gemms_in_the_recomputation(tiny_llama, tmp_pat
         torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)
 
 
-def _policy_step(tiny_llama, tmp_path, method: str, recompute: str):
+def _policy_step(tiny_llama, tmp_path, method: str, recompute: str, **kw):
     """A compiled fp32 model of `method` under --recompute `recompute` (DoRA's magnitudes moved away from the norms,
     so that m/n matters), compiled by one step and profiled in the next: (model, loss, grads, op counts, execution line)."""
     torch.manual_seed(2)
-    model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute)
+    model = _model(tiny_llama, tmp_path, method=method, compute_dtype="float32", recompute=recompute, **kw)
     for m in model.modules():
         if hasattr(m, "magnitude"):
             m.magnitude.data.mul_(1 + 0.2 * torch.rand_like(m.magnitude))
@@ -381,6 +381,39 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     for name in grads_m:
         torch.testing.assert_close(grads_w[name], grads_m[name], **TOL[torch.float32], msg=name)
     assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers for m in quantized)
+
+
+@pytest.mark.parametrize("method", ["qlora", "qdora"])
+def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(tiny_llama, tmp_path, compiled, method):
+    """--recompute none: the layers run as compiled graphs without a checkpoint, holding the dequantized base as
+    weights does. A later step then runs each linear's forward once (no recomputation: 7 linear_lora calls per
+    layer, nothing kept for one, no dequantization), with the loss and gradients of --recompute weights; the
+    execution line says checkpointing is off. --no-gradient-checkpointing compiles its blocks the same way, without
+    the held base: each weight is dequantized in the forward and saved by the graph for its dL/dx."""
+    from qtune.loader import load_config
+
+    def run(recompute: str, **kw):
+        model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
+        return (loss, grads, counts.get("qtune::linear_lora", 0), counts.get("bitsandbytes::dequantize_4bit", 0),
+                counts.get("qtune::keep", 0), report)
+
+    loss_n, grads_n, fused_n, deq_n, kept_n, report = run("none")
+    loss_w, grads_w, *_ = run("weights")
+    # checkpointed, full would recompute all 7 linears (14 calls per layer): without a checkpoint it runs each once
+    loss_o, grads_o, fused_o, deq_o, kept_o, report_o = run("full", gradient_checkpointing=False)
+    L = load_config(tiny_llama, False).num_hidden_layers
+    assert report["layers"]["compiled"] == L and report_o["layers"]["compiled"] == L
+    assert report["recompute"] == {"level": "none", "checkpointing": False, "keep_attention": False, "keep_down": False,
+                                   "keep_mlp": False, "keep_weights": True}
+    assert report_o["recompute"]["checkpointing"] is False and report_o["recompute"]["keep_weights"] is False
+    assert fused_n == fused_o == 7 * L, (fused_n, fused_o)
+    assert kept_n == kept_o == 0 and deq_n == 0
+    assert deq_o == 7 * L  # in the forward only: the graph saves each dequantized weight for its dL/dx
+    for loss, grads in ((loss_n, grads_n), (loss_o, grads_o)):
+        torch.testing.assert_close(loss, loss_w, **TOL[torch.float32])
+        assert grads.keys() == grads_w.keys()
+        for name in grads_w:
+            torch.testing.assert_close(grads[name], grads_w[name], **TOL[torch.float32], msg=name)
 
 
 def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):

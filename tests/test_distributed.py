@@ -179,9 +179,12 @@ def test_fsdp_refuses_what_it_cannot_shard(tiny_llama, chat, tmp_path):
     assert r.returncode != 0 and "this model runs transformers' forward" in r.stdout + r.stderr
 
 
-def test_fsdp_refuses_held_dequantized_weights_and_drops_the_ones_auto_chose(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("level,after", [("weights", "max"), ("none", "none")])
+def test_fsdp_refuses_held_dequantized_weights_and_drops_the_ones_auto_chose(tiny_llama, tmp_path, monkeypatch,
+                                                                             level, after):
     """--recompute weights would hold every layer's dequantized base on each rank, undoing the shards: fsdp refuses
-    it by name; --recompute auto, resolved for one process before sharding, is stepped down to max there."""
+    it by name; --recompute auto, resolved for one process before sharding, is stepped down to max there, and
+    none (no checkpointing) drops its held copies and stays uncheckpointed."""
     import dataclasses
     import types
 
@@ -199,7 +202,7 @@ def test_fsdp_refuses_held_dequantized_weights_and_drops_the_ones_auto_chose(tin
     cfg = TrainConfig(model=str(tiny_llama), data="x", output=str(tmp_path / "r"), compute_dtype="float32")
     model, *_ = build_model(cfg, tmp_path / "r", progress=False)
     engine = model.qtune_engine
-    engine.policy = RecomputePolicy.from_config(dataclasses.replace(cfg, recompute="weights"))
+    engine.policy = RecomputePolicy.from_config(dataclasses.replace(cfg, recompute=level))
     for layer in model.model.layers:
         hold_dense_weights(layer, torch.float32)
 
@@ -212,7 +215,8 @@ def test_fsdp_refuses_held_dequantized_weights_and_drops_the_ones_auto_chose(tin
     monkeypatch.setattr("torch.distributed.device_mesh.init_device_mesh", stop)
     with pytest.raises(Stop):
         qtune.fsdp.shard_model(model, types.SimpleNamespace(world=2), torch.device("cpu"))
-    assert engine.policy.keep_weights is False and engine.policy.level == "max" and engine.policy.keep_mlp
+    assert engine.policy.keep_weights is False and engine.policy.level == after
+    assert engine.policy.keep_mlp is (after == "max") and engine.policy.checkpointing is (after == "max")
     assert not any(DENSE in m._buffers for m in model.modules())
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -292,19 +293,30 @@ def test_recompute_max_and_auto_in_the_plan(tiny_llama, monkeypatch):
     assert "(--recompute auto: weights)" in res.output  # no limit: 90% of this machine's memory holds the most
 
 
-def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
+def _deep_config(tiny_llama, tmp_path, layers: int = 12) -> str:
+    """The tiny Llama's config.json with more layers: with 2 the checkpoints save too little for the levels' plans
+    to order as on a real model (none > weights > max), with 12 they do."""
+    config = json.loads((tiny_llama / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_recompute_weights_in_the_plan(tiny_llama, tmp_path, monkeypatch):
     """--recompute weights: max, plus every quantized linear's dequantized weight held in the compute dtype (the
     base grows by their numel × 2 bytes in bf16, and no dequantization buffer is needed). auto picks it when it
     fits; with --offload, or where nothing would be held (--bits 16), it skips it."""
     import qtune.memory
     import qtune.plan
 
-    config = json.loads((tiny_llama / "config.json").read_text())
+    model = _deep_config(tiny_llama, tmp_path)
+    config = json.loads(Path(model).read_text())
     h, i, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     numel = L * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
     monkeypatch.setenv("QTUNE_COMPILE", "1")
-    cfg = dict(model=str(tiny_llama), compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
+    cfg = dict(model=model, compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
     w, m = plan_memory(TrainConfig(**cfg, recompute="weights")), plan_memory(TrainConfig(**cfg, recompute="max"))
     assert w.dense == numel * 2 and m.dense == 0
     assert w.base_weights - m.base_weights == numel * 2
@@ -325,3 +337,35 @@ def test_recompute_weights_in_the_plan(tiny_llama, monkeypatch):
     assert res.exit_code == 0 and "of which held" in res.output, res.output
     with pytest.raises(QtuneError, match="--recompute weights holds the dequantized base"):
         TrainConfig(**cfg, recompute="weights", offload="disk")
+
+
+def test_recompute_none_in_the_plan(tiny_llama, tmp_path, monkeypatch):
+    """--recompute none: no checkpointing (every layer's saved internals, as --no-gradient-checkpointing plans them,
+    whose compiled layers save their dequantized weights instead) and the dequantized base held as with weights. It is the most memory of the levels, auto picks it only where
+    it fits, the plan says checkpointing is off, and a plan that does not fit suggests checkpointing again."""
+    import qtune.memory
+    import qtune.plan
+    from qtune.plan import format_plan
+
+    monkeypatch.setenv("QTUNE_COMPILE", "1")
+    cfg = dict(model=_deep_config(tiny_llama, tmp_path), compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
+    n, w = plan_memory(TrainConfig(**cfg, recompute="none")), plan_memory(TrainConfig(**cfg, recompute="weights"))
+    off = plan_memory(TrainConfig(**cfg, gradient_checkpointing=False))
+    assert n.recompute == "none" and off.recompute == "off (no checkpointing)"
+    assert n.dense == w.dense > 0 and off.dense == 0 and n.dequant_buffers == off.dequant_buffers == 0
+    # uncheckpointed compiled layers save their dequantized weights for dL/dx: the held base's bytes, as activations
+    assert off.activations - n.activations == n.dense and n.activations > w.activations and n.kept == 0
+    assert n.total_bytes > w.total_bytes
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(qtune.plan, "auto_cpu_headroom", lambda limit: 0)
+    # compiled layers: auto stops at weights however large the budget (none measured slower there)
+    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=64.0)).recompute == "weights"
+    monkeypatch.setenv("QTUNE_COMPILE", "0")  # eager layers (as on a GPU): none when it fits, else the next that does
+    eager = {level: plan_memory(TrainConfig(**cfg, recompute=level)) for level in ("none", "max", "default")}
+    need = {k: p.total_bytes + p.overhead_bytes for k, p in eager.items()}
+    assert not eager["none"].compiled and eager["none"].dense == 0 and need["none"] > need["max"]
+    for level, budget in (("none", need["none"]), ("max", need["none"] - 1)):
+        assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=budget / 2**30)).recompute == level
+    text = format_plan(n, TrainConfig(**cfg, recompute="none"))
+    assert "checkpointing off" in text and "of which held" in text, text
+    assert any(s.startswith("--recompute default:") for s in suggestions(TrainConfig(**cfg, recompute="none"), 2**20))

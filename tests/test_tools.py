@@ -104,6 +104,10 @@ def test_bench_peft_auto_report_checks_each_run_against_its_budget(tmp_path):
     report["results"]["qlora"]["runs"]["qtune"][1]["train_peak_rss_bytes"] = 2 * 2**30  # over its 1.9 GiB
     bench_peft.write_report(report, tmp_path)
     assert "each run's peak RSS within its --max-memory: FAIL" in (tmp_path / "bench_peft_auto.md").read_text()
+    report["args"]["compute_dtype"] = "float32"  # the float32 goal (AVX2-only CPUs) is 2.0x, with no moonshot
+    bench_peft.write_report(report, tmp_path)
+    text = (tmp_path / "bench_peft_fp32_auto.md").read_text()
+    assert "tokens/s ≥ 2.0× peer: 3.00× PASS;" in text and "moonshot" not in text
 
 
 def test_worker_command_is_the_protocol_every_checkout_speaks(tmp_path):

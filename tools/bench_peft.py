@@ -205,9 +205,12 @@ def write_report(report: dict, out_dir: Path) -> None:
     if q and budgeted:  # --recompute auto within a memory budget: the speed issue's second goal
         runs = report["results"]["qlora"]["runs"]["qtune"]
         within = all(r.get("max_memory_gib") and r["train_peak_rss_bytes"] <= r["max_memory_gib"] * 2**30 for r in runs)
-        ok = [q["tokens_per_s"] >= 2.5, within, abs(q["heldout_after"] - 1) <= 0.01]
-        lines += ["", f"Targets (QLoRA, --recompute auto): tokens/s ≥ 2.5× peer: {q['tokens_per_s']:.2f}× "
-                  f"{'PASS' if ok[0] else 'FAIL'} (3× moonshot: {'reached' if q['tokens_per_s'] >= 3 else 'not reached'}); "
+        # the goal: 2.5x in bf16 (moonshot 3x); in float32 (AVX2-only CPUs) 2.0x
+        goal = 2.0 if report["args"].get("compute_dtype") == "float32" else 2.5
+        ok = [q["tokens_per_s"] >= goal, within, abs(q["heldout_after"] - 1) <= 0.01]
+        moonshot = "" if goal == 2.0 else f" (3× moonshot: {'reached' if q['tokens_per_s'] >= 3 else 'not reached'})"
+        lines += ["", f"Targets (QLoRA, --recompute auto): tokens/s ≥ {goal}× peer: {q['tokens_per_s']:.2f}× "
+                  f"{'PASS' if ok[0] else 'FAIL'}{moonshot}; "
                   f"each run's peak RSS within its --max-memory: {'PASS' if ok[1] else 'FAIL'} "
                   f"({q['peak_rss']:.2f}× the peer's); held-out loss within ±1% of the peer's: "
                   f"{100 * (q['heldout_after'] - 1):+.2f}% {'PASS' if ok[2] else 'FAIL'} (the default policy's own "

@@ -28,6 +28,7 @@ CASES = [
     ("SmolLM2-135M", {"recompute": "full"}),
     ("SmolLM2-135M", {"recompute": "max"}),
     ("SmolLM2-135M", {"recompute": "weights"}),
+    ("SmolLM2-135M", {"recompute": "none"}),
     ("SmolLM2-135M", {"recompute": "auto", "max_memory": 2.0}),  # the peer's peak RSS at this setting: weights fits
     ("SmolLM2-135M", {"method": "qdora"}),
     ("SmolLM2-135M", {"method": "qdora", "recompute": "full"}),

@@ -1,5 +1,5 @@
-"""torch.compile in qtune: small pure functions (maybe_compile) and whole checkpointed decoder blocks
-(BlockRunner), each with an eager fallback that never crashes and never stays silent.
+"""torch.compile in qtune: small pure functions (maybe_compile) and whole decoder blocks, checkpointed or
+not (BlockRunner), each with an eager fallback that never crashes and never stays silent.
 
 A block is "compiled" only when measured so: it ran through torch.compile with fullgraph=True (so its
 forward, its recomputation and its backward are each one graph: a graph break raises instead of
@@ -105,6 +105,10 @@ def _selective_checkpoint(function, *args):
                                              context_fn=functools.partial(create_selective_checkpoint_contexts, _policy))
 
 
+def _whole(function, *args):
+    return function(*args)
+
+
 def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -115,8 +119,8 @@ COMPILED = "compiled"
 
 
 class BlockRunner:
-    """Runs checkpointed decoder blocks as one compiled graph each where they can, else eagerly (with
-    torch.utils.checkpoint and the eager recomputation context), and records which path each layer ran:
+    """Runs decoder blocks (checkpointed unless `checkpoint` is False) as one compiled graph each where they
+    can, else eagerly (with torch.utils.checkpoint and the eager recomputation context), and records which path each layer ran:
     `paths[i]` is COMPILED or the reason layer i ran eager."""
 
     def __init__(self, eager_context_fn):
@@ -124,6 +128,7 @@ class BlockRunner:
         self.paths: dict[int, str] = {}
         self.failure: str | None = None
         self._compiled = None
+        self._checkpointed = True  # whether _compiled runs the block under a checkpoint
         self._signatures: set = set()  # the inputs' shapes, dtypes and grad flags each compile was for
 
     def run(self, index: int, function, args: tuple, reason: str | None, checkpoint: bool):
@@ -135,7 +140,7 @@ class BlockRunner:
         if reason is None and self.failure is not None:
             reason = self.failure
         if reason is None:
-            out = self._run_compiled(index, function, args)
+            out = self._run_compiled(index, function, args, checkpoint)
             if out is not None:
                 return out
             reason = self.failure
@@ -144,14 +149,17 @@ class BlockRunner:
             return function(*args)
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=self.eager_context_fn)
 
-    def _run_compiled(self, index, function, args):
-        if self._compiled is None:
+    def _run_compiled(self, index, function, args, checkpoint: bool = True):
+        if self._compiled is None or self._checkpointed != checkpoint:
             _cache_dir()
             # a copy of the function's code per runner: dynamo keys its cache and recompilation limit on
-            # the code object, so each model's engine gets its own (a process may build several models)
-            code = _selective_checkpoint.__code__.replace(co_name=f"qtune_block_{id(self):x}")
-            fn = types.FunctionType(code, _selective_checkpoint.__globals__, code.co_name)
-            self._compiled = torch.compile(fn, fullgraph=True)
+            # the code object, so each model's engine gets its own (a process may build several models).
+            # Without a checkpoint (--recompute none), the block is one graph whose backward reads what the forward saved
+            # (inductor's partitioner chooses, recomputing only cheap elementwise work)
+            body = _selective_checkpoint if checkpoint else _whole
+            code = body.__code__.replace(co_name=f"qtune_block_{id(self):x}{'' if checkpoint else '_whole'}")
+            fn = types.FunctionType(code, body.__globals__, code.co_name)
+            self._compiled, self._checkpointed = torch.compile(fn, fullgraph=True), checkpoint
         before = _graphs_compiled()
         try:
             out = self._compiled(function, *args)

@@ -15,7 +15,13 @@ One setting, `--recompute`:
   neither in the forward nor in backward (the base is frozen, so the copy never goes stale). Costs the
   base's compute-dtype size; the far end of the policy: what the 4-bit base saves is given back for speed
   where the budget allows it. Compiled blocks, a quantized base held in memory (not with --offload or fsdp).
-- `auto`: the most of weights > max > default > full whose plan (qtune.plan) fits the memory budget:
+- `none`: no recomputation at all: the decoder layers run without checkpointing (autograd keeps what each
+  layer's backward reads; compiled blocks: what inductor's partitioner saves), and compiled blocks hold the
+  dequantized base as `weights` does. The most memory (every layer's activations until its backward) for
+  the fewest FLOPs: for budgets that leave the memory idle otherwise (a small model on a large GPU).
+  --no-gradient-checkpointing is the same without the held base.
+- `auto`: the most of none > weights > max > default > full whose plan (qtune.plan) fits the memory budget
+  (none only where the layers run eagerly, weights only where they compile: qtune.plan.resolve_recompute):
   --max-memory, else 90% of the device's memory (qtune.plan.resolve_recompute). Chosen before loading;
   metrics.jsonl's execution line and `qtune plan` show the choice.
 Independently of the setting, a linear whose output feeds only the block's residual sum (down_proj
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 
 from qtune.config import RECOMPUTE as CHOICES  # the --recompute values (TrainConfig validates them)
 
-LEVELS = ("weights", "max", "default", "full")  # what auto chooses from, the most kept first
+LEVELS = ("none", "weights", "max", "default", "full")  # what auto chooses from, the most kept first
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,10 @@ class RecomputePolicy:
     """Keep gate/up's outputs (DoRA: their products u) (compiled blocks)."""
     keep_weights: bool = False
     """Hold each quantized linear's dequantized weight for the run (compiled blocks)."""
+    checkpointing: bool = True
+    """Whether the decoder layers are checkpointed at all (False: --recompute none, --no-gradient-checkpointing)."""
     level: str = "default"
-    """The --recompute value this is (auto resolved: weights, max, default or full)."""
+    """The --recompute value this is (auto resolved: none, weights, max, default or full)."""
 
     @classmethod
     def from_config(cls, cfg, device: str = "cpu") -> "RecomputePolicy":
@@ -59,6 +67,10 @@ class RecomputePolicy:
             from qtune.plan import resolve_recompute
 
             level = resolve_recompute(cfg, device)
+        checkpointing = getattr(cfg, "gradient_checkpointing", True) and level != "none"
+        if not checkpointing:  # nothing is recomputed, so nothing needs keeping for a recomputation
+            return cls(keep_attention=False, keep_down=False, keep_mlp=False, keep_weights=level in ("weights", "none"),
+                       checkpointing=False, level=level)
         on = level in ("default", "max", "weights")
         keep_qkv, dora_stash = getattr(cfg, "keep_qkv", None), getattr(cfg, "dora_stash", None)
         return cls(keep_attention=on if keep_qkv is None else bool(keep_qkv),
