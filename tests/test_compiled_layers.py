@@ -105,14 +105,18 @@ def test_compiled_blocks_match_the_reference_forwards(tiny_llama, tmp_path, meth
     eager_calls = []
     real = QuantizedWeight.dequantize
     monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self, *a, **k: eager_calls.append(1) or real(self, *a, **k))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         loss_c, grads_c = _loss_and_grads(model, ids, mask)
     decoded = sum(e.count for e in prof.key_averages() if e.key == "bitsandbytes::dequantize_4bit")
     assert eager_calls == []
     assert decoded == len(layers) * (7 + 7) - 3  # the first layer's q, k, v need no dL/dx (frozen embeddings)
-    if method == "qdora":  # the checkpoint keeps the forward's row norms: not recomputed
-        norms = sum(e.count for e in prof.key_averages() if e.key == "qtune::dora_row_norms")
-        assert norms == len(layers) * 7
+    if method == "qdora":  # the checkpoint keeps the forward's row norms: their A·Wᵀ products run once per step
+        config = model.config
+        r, h, kv = 4, config.hidden_size, config.num_key_value_heads * config.head_dim
+        shapes = {tuple(map(tuple, e.input_shapes[:2])): e.count
+                  for e in prof.key_averages(group_by_input_shape=True) if e.key == "aten::mm"}
+        # A_k·W_kᵀ and A_v·W_vᵀ: (r, h)·(h, kv), a shape no other product of the step has (asserted: kv ≠ h)
+        assert kv != h and shapes.get(((r, h), (h, kv))) == 2 * len(layers), shapes
     monkeypatch.undo()
     loss_r, grads_r = _reference_loss_and_grads(model, ids, mask)
     tol = TOL[torch.float32] if compute_dtype == "float32" else dict(atol=2e-1, rtol=2e-2)
@@ -407,7 +411,7 @@ def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(ti
                                    "keep_mlp": False, "keep_weights": True}
     assert report_o["recompute"]["checkpointing"] is False and report_o["recompute"]["keep_weights"] is False
     assert fused_n == fused_o == 7 * L, (fused_n, fused_o)
-    assert kept_n == kept_o == 0 and deq_n == 0
+    assert kept_n == kept_o == (7 * L if method == "qdora" else 0) and deq_n == 0  # DoRA's row norms: a copy each
     assert deq_o == 7 * L  # in the forward only: the graph saves each dequantized weight for its dL/dx
     for loss, grads in ((loss_n, grads_n), (loss_o, grads_o)):
         torch.testing.assert_close(loss, loss_w, **TOL[torch.float32])
@@ -429,9 +433,10 @@ def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, t
                 counts.get("qtune::keep", 0))
 
     loss_k, grads_k, fused_k, deq_k, kept = run("default")
-    loss_r, grads_r, fused_r, deq_r, none = run("full")
+    loss_r, grads_r, fused_r, deq_r, kept_full = run("full")
     L = load_config(tiny_llama, False).num_hidden_layers
-    assert kept == 5 * L and none == 0  # forward only: the recomputation reads the kept products
+    # forward only: the recomputation reads the kept products (and, under both, the 7 row norms)
+    assert kept == (5 + 7) * L and kept_full == 7 * L
     assert fused_r == (7 + 7) * L and fused_k == (7 + 2) * L, (fused_r, fused_k)
     assert deq_r == L * (7 + 7) and deq_k == deq_r - 3  # as in the QLoRA test above
     torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qtune.adapters.base import Adapter
@@ -16,7 +17,7 @@ from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
 from qtune.engine.fused import KEEP, REUSE, dora_node, fusable, lora_node
-from qtune.engine.ops import dora_row_norms, fold_sparse, keep, linear_lora, lora_down, rosa_linear
+from qtune.engine.ops import fold_sparse, keep, linear_lora, lora_down, rosa_linear, row_norms
 from qtune.engine.recompute import recomputing
 from quant import QuantLinear
 from quant.formats import QuantizedWeight
@@ -127,7 +128,8 @@ def _lora(layer, x, h):
 
 
 def _dora(layer, x, h, keep_product: bool):
-    """u = x·D(W)ᵀ + s·h·Bᵀ, y = (m/n) ⊙ u + b, n without gradient (dora_row_norms, kept by the checkpoint).
+    """u = x·D(W)ᵀ + s·h·Bᵀ, y = (m/n) ⊙ u + b, n without gradient (row_norms of the detached factors, traced so
+    that inductor fuses its elementwise part, and kept by the checkpoint: the recomputation reads it).
     `keep_product` keeps u (the magnitude's gradient reads it): the recomputation skips the base GEMM."""
     base, dtype = layer.base_layer, x.dtype
     w = traced_base_weight(base, dtype)
@@ -135,7 +137,8 @@ def _dora(layer, x, h, keep_product: bool):
     if w_sq is None:
         with torch.no_grad():
             w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
-    n = dora_row_norms(w, layer.lora_A.detach(), layer.lora_B.detach(), w_sq, float(layer.scale))
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    n = keep(row_norms(w_sq, a, b, F.linear(a.to(dtype), w), float(layer.scale)))
     u = linear_lora(x, w, h, (layer.lora_B * layer.scale).to(dtype))
     if keep_product:
         u = keep(u)

@@ -109,22 +109,6 @@ def row_norms(w_sq, lora_A, lora_B, aw, scale):
     return (w_sq + torch.linalg.vecdot(lora_B, t)).clamp_min(0).sqrt()
 
 
-@torch.library.custom_op("qtune::dora_row_norms", mutates_args=())
-def dora_row_norms(w: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, w_sq: torch.Tensor,
-                   scale: float) -> torch.Tensor:
-    """n = ‖W + s·BA‖_row without gradient (DoRA §4.3); one operator, so that the checkpoint keeps it."""
-    with torch.no_grad():
-        return row_norms(w_sq, lora_A, lora_B, F.linear(lora_A.to(w.dtype), w), scale)
-
-
-@dora_row_norms.register_fake
-def _(w, lora_A, lora_B, w_sq, scale):
-    return w_sq.new_empty(w.shape[0], dtype=torch.float32)
-
-
-SAVED_OPS.add(torch.ops.qtune.dora_row_norms.default)
-
-
 # --- RoSA's sparse term ----------------------------------------------------------------------------
 
 def csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
