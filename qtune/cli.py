@@ -81,7 +81,7 @@ TRAIN_OPTIONS = [
               "keeps the attention's q, k, v and output and QDoRA's down_proj product (faster, a few activations "
               "per layer); full keeps nothing extra (least memory); max also keeps gate/up's outputs; weights also "
               "holds the base's dequantized weights for the run (+ the base's 16-bit size); none recomputes nothing "
-              "(no checkpointing, the base held as with weights: fastest, every layer's activations kept); auto: the "
+              "(no checkpointing, the base held as with weights; every layer's activations kept); auto: the "
               "most of none > weights > max > default > full whose plan fits --max-memory (else 90% of the device; none "
               "only where layers run eagerly: on GPUs, --no-compile)."),
     _opt("--dora-stash/--no-dora-stash", default=None,

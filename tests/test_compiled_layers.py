@@ -391,7 +391,7 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
 def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(tiny_llama, tmp_path, compiled, method):
     """--recompute none: the layers run as compiled graphs without a checkpoint, holding the dequantized base as
     weights does. A later step then runs each linear's forward once (no recomputation: 7 linear_lora calls per
-    layer, nothing kept for one, no dequantization), with the loss and gradients of --recompute weights; the
+    layer, nothing kept but QDoRA's row norms, no dequantization), with the loss and gradients of --recompute weights; the
     execution line says checkpointing is off. --no-gradient-checkpointing compiles its blocks the same way, without
     the held base: each weight is dequantized in the forward and saved by the graph for its dL/dx."""
     from qtune.loader import load_config
