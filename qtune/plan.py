@@ -128,7 +128,7 @@ def quantized_linear_bytes(numel: int, bits: int, double_quant: bool = True, com
 
 def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_adapters: int, dropout: float,
                           attention: str = "sdpa", split: bool = False,
-                          extra_per_token: int = 0, compiled: bool = False) -> int | tuple[int, int]:
+                          extra_per_token: int = 0, uncheckpointed_graph: bool = False) -> int | tuple[int, int]:
     """Tensors autograd keeps for ONE Llama-family decoder layer (qtune's adapters, sdpa attention).
 
     With eager attention (qtune.engine.attention.choose_attention) the softmax output (fp32) and its
@@ -141,14 +141,14 @@ def layer_internals_bytes(config, batch: int, seq: int, rank: int, c: int, n_ada
     split=True returns (saved, transient): what autograd keeps until the layer's backward is done,
     and the gradient buffers that exist only during it (one layer at a time, checkpointing or not).
     extra_per_token: bytes a method's adapters keep besides (x Aᵀ) (DoRA: its (tokens × out) products).
-    compiled: an uncheckpointed compiled layer, whose graph saves each RMSNorm's input and its fp32 reciprocal
+    uncheckpointed_graph: an uncheckpointed compiled layer, whose graph saves each RMSNorm's input and its fp32 reciprocal
     RMS (inductor recomputes the fp32 copy and the output in backward); measured at SmolLM2's bench setting.
     """
     h, i = config.hidden_size, config.intermediate_size
     nh, nkv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d = getattr(config, "head_dim", None) or h // nh
     norms = 4 if config.model_type.startswith("gemma") else 2  # Gemma's sandwich: two more per layer
-    per_token = (norms * ((c * h + 4) if compiled else (4 + c) * h)  # input and post-attention RMSNorm (Gemma's 4)
+    per_token = (norms * ((c * h + 4) if uncheckpointed_graph else (4 + c) * h)  # input and post-attention RMSNorm (Gemma's 4)
                  + c * qkv_width(config)            # q, k, v (after rotary)
                  + c * 2 * nh * d                   # k, v repeated to every head for sdpa
                  + c * nh * d + 4 * nh              # attention output, log-sum-exp
@@ -265,7 +265,8 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     kept = sum(layer_cls.saved_per_token(m, cfg.rank, layer_cls.layer_options(skeleton, n, options)) - cfg.rank
                for n, m in targets.items()) // L
     saved, transient = layer_internals_bytes(config, b, t, cfg.rank, c, per_layer, cfg.dropout, attention, split=True,
-                                             extra_per_token=c * (dora_out + kept), compiled=compiled and not ckpt)
+                                             extra_per_token=c * (dora_out + kept),
+                                             uncheckpointed_graph=compiled and not ckpt)
     sizes = [m.in_features * m.out_features for m in linears.values()]
     # --recompute weights / none: every quantized linear's dequantized copy, held for the run (compiled blocks of
     # one process, or of ddp's; fsdp drops them: qtune.fsdp.shard_model)
@@ -364,10 +365,11 @@ def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
     --max-memory (on the CPU less what the process already holds and auto_cpu_headroom), else 90% of the
     device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks);
     `none` (no checkpointing) only where the layers run eagerly (on a GPU, --no-compile, the generic path): there
-    the recomputation is a whole layer's forward, and none measured 0.82x default's step (bf16, eager CPU layers).
+    the recomputation is a whole layer's forward, and none measured 0.762x default's step (bf16, eager CPU layers).
     Compiled layers under weights recompute only norms and skinny products, and none measured 1.13x weights' step
     in bf16 there (tools/bench_methods.py, 40 pairs): the uncheckpointed graph saves and rereads more than the
-    checkpointed one recomputes. --recompute none still runs them so when asked."""
+    checkpointed one recomputes (in float32 it measured 0.957x weights' step: auto decides by the path, not the
+    dtype). --recompute none still runs them so when asked."""
     from qtune.engine.recompute import LEVELS
     from qtune.memory import current_rss_bytes
     from qtune.train import device_memory_bytes

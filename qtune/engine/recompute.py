@@ -19,7 +19,7 @@ One setting, `--recompute`:
   layer's backward reads; compiled blocks: what inductor's partitioner saves), and compiled blocks hold the
   dequantized base as `weights` does. The most memory (every layer's activations until its backward) for
   the fewest FLOPs: for budgets that leave the memory idle otherwise (a small model on a large GPU), where
-  layers run eagerly (0.82x default's step there); compiled CPU layers measured 1.13x weights' step in bf16
+  layers run eagerly (0.762x default's step there); compiled CPU layers measured 1.13x weights' step in bf16
   (the uncheckpointed graph saves and rereads more than weights recomputes). --no-gradient-checkpointing is
   the same without the held base.
 - `auto`: the most of none > weights > max > default > full whose plan (qtune.plan) fits the memory budget
