@@ -84,6 +84,9 @@ TRAIN_OPTIONS = [
               "(no checkpointing, the base held as with weights; every layer's activations kept); auto: the "
               "most of none > weights > max > default > full whose plan fits --max-memory (else 90% of the device; none "
               "only where layers run eagerly: on GPUs, --no-compile)."),
+    _opt("--hold-layers", type=int,
+         help="With --recompute weights: hold the dequantized base of the first N decoder layers only (0 = all, the "
+              "default); the others dequantize as under max. --recompute auto picks N itself where all would not fit."),
     _opt("--dora-stash/--no-dora-stash", default=None,
          help="Older form of --recompute's QDoRA down_proj part (kept working)."),
     _opt("--keep-qkv/--no-keep-qkv", default=None,

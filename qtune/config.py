@@ -67,6 +67,9 @@ class TrainConfig:
     dequantized weights, held for the run), none (no checkpointing at all, the base held as weights holds it)
     or auto (the most of none > weights > max > default > full that the plan fits in --max-memory, else in
     90% of the device; none only where the layers run eagerly)."""
+    hold_layers: int = 0
+    """--recompute weights: hold the dequantized base of the first N decoder layers only (0 = all of them); the
+    others dequantize as under max. --recompute auto picks N where max fits the budget and all of them do not."""
     dora_stash: bool | None = None
     """Older form of recompute's QDoRA down_proj part; None = as recompute says."""
     keep_qkv: bool | None = None
@@ -205,6 +208,10 @@ class TrainConfig:
         _check(not (self.recompute == "weights" and self.offload != "none"),
                f"--recompute weights holds the dequantized base in memory, and --offload {self.offload} streams the base "
                "from elsewhere instead", "use --recompute max (or auto) with --offload, or --offload none")
+        _check(self.hold_layers >= 0, f"--hold-layers must be >= 0, got {self.hold_layers}", "pass e.g. 20 (0 = all)")
+        _check(self.hold_layers == 0 or self.recompute == "weights", f"--hold-layers {self.hold_layers} applies to "
+               f"--recompute weights, and this run has --recompute {self.recompute}",
+               "add --recompute weights (auto picks the number itself)")
         _check(self.packing in PACKING, f"unknown --packing {self.packing!r}",
                "use per-example (the default), none, or contaminated (benchmarks only)")
         _check(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}", "pass e.g. --grad-accum 4")

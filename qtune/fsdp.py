@@ -96,7 +96,7 @@ def shard_model(model: nn.Module, d, device: torch.device) -> None:
         from qtune.engine.linear import drop_dense_weights  # the shards (none stays uncheckpointed, without them)
 
         level = "max" if engine.policy.level == "weights" else engine.policy.level
-        engine.policy = dataclasses.replace(engine.policy, keep_weights=False, level=level)
+        engine.policy = dataclasses.replace(engine.policy, keep_weights=False, held_layers=0, level=level)
         drop_dense_weights(model)
     mesh = init_device_mesh(device.type, (d.world,))
     layers = list(model.model.layers)

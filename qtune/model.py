@@ -44,6 +44,8 @@ def build_model(cfg: TrainConfig, run_dir: Path | None = None, progress: bool = 
     dtype = DTYPES[compute_dtype]
     factors, report = None, None
     qcompile.set_enabled(cfg.compile and qcompile.env_enabled())
+    if device == "cpu":  # a C++ compiler that miscompiles bf16 kernels: 256-bit kernels, or none (warned)
+        qcompile.check_half_kernels(dtype)
     if cfg.init == "default" and cfg.method != "spectral":  # spectral: its base is spectral_init's residual
         model = load_model(model_dir, quant, dtype, cfg.trust_remote_code, progress=progress, offload=cfg.offload)
     else:

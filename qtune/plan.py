@@ -77,6 +77,8 @@ class Plan:
     recompute: str = "default"  # the recomputation policy planned (--recompute auto resolved)
     kept: int = 0  # bytes the checkpoints keep beyond each layer's input (part of layer_inputs)
     dense: int = 0  # --recompute weights: the held dequantized base (part of base_weights)
+    held_layers: int = 0  # how many decoder layers hold it (--hold-layers; 0: none hold it)
+    layers: int = 0  # decoder layers of the model
     compiled: bool = False  # whether the decoder layers run as compiled graphs (qtune.model.compiles_layers)
     loss_phase: int = 0
     backward_phase: int = 0
@@ -108,7 +110,7 @@ class Plan:
         out = {"total_bytes": self.total_bytes, "overhead_bytes": self.overhead_bytes, "breakdown": breakdown,
                "peak_phase": self.peak_phase, "trainable_params": self.trainable_params,
                "attention_mask_bytes": self.masks, "recompute": self.recompute, "recompute_kept_bytes": self.kept,
-               "dequantized_weights_bytes": self.dense}
+               "dequantized_weights_bytes": self.dense, "held_layers": self.held_layers}
         if device_memory is not None:
             out["device_memory_bytes"] = int(device_memory * 2**30)
             out["fits"] = self.total_bytes + self.overhead_bytes <= device_memory * 2**30
@@ -271,6 +273,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     # --recompute weights / none: every quantized linear's dequantized copy, held for the run (compiled blocks of
     # one process, or of ddp's; fsdp drops them: qtune.fsdp.shard_model)
     held = policy.keep_weights and compiled and cfg.bits != 16 and not streamed and strategy != "fsdp"
+    n_held = min(policy.held_layers or L, L) if held else 0  # --hold-layers: the first N layers' copies only
     if compiled and not ckpt and cfg.bits != 16 and not held:
         saved += sum(sizes) // L * c  # its dequantized weights, saved by the graph for dL/dx (none holds them instead)
     # each layer's input, kept by the checkpoint (and QDoRA's kept down_proj outputs: qtune.engine.recompute)
@@ -308,9 +311,9 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     else:  # one chunk's full-vocabulary logits
         logits = min(ce_chunk_tokens(vocab, softcap), b * t) * vocab * (CE_SOFTCAP_BYTES_PER_LOGIT if softcap else CE_BYTES_PER_LOGIT)
     logits += 2 * b * t * hidden * c  # and the final hidden states and their gradient (n, h)
-    dense = sum(sizes) * c if held else 0
+    dense = sum(sizes) // L * c * n_held
     base += dense
-    if cfg.bits == 16 or dense:
+    if cfg.bits == 16 or (held and n_held == L):
         dequant = 0
     elif compiled and not ckpt:  # an uncheckpointed compiled layer saves its dequantized weights for its backward
         dequant = 0  # (counted in its saved internals above), which dequantizes nothing again
@@ -324,7 +327,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
                 backward_phase=backward_peak(activations - internals - masks, grads, L) + masks + internals + dequant,
                 masks=masks, recompute=policy.level if ckpt or policy.level == "none" else "off (no checkpointing)",
                 dense=dense, kept=max(0, layer_inputs - L * b * t * config.hidden_size * c) if ckpt else 0,
-                compiled=compiled)
+                compiled=compiled, held_layers=n_held, layers=L)
     plan.overhead_bytes = int(0.05 * plan.total_bytes) + (CUDA_CONTEXT_BYTES if device == "cuda" else 0)
     return plan
 
@@ -360,16 +363,17 @@ def auto_cpu_headroom(limit: int) -> int:
     return AUTO_CPU_RSS_FIXED + int(AUTO_CPU_RSS_FRACTION * limit)
 
 
-def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
-    """--recompute auto: the most-keeping of none > weights > max > default > full whose plan fits the budget:
-    --max-memory (on the CPU less what the process already holds and auto_cpu_headroom), else 90% of the
-    device's memory. `weights` only where it holds something (a quantized base in memory, compiled blocks);
-    `none` (no checkpointing) only where the layers run eagerly (on a GPU, --no-compile, the generic path): there
-    the recomputation is a whole layer's forward, and none measured 0.762x default's step (bf16, eager CPU layers).
-    Compiled layers under weights recompute only norms and skinny products, and none measured 1.13x weights' step
-    in bf16 there (tools/bench_methods.py, 40 pairs): the uncheckpointed graph saves and rereads more than the
-    checkpointed one recomputes (in float32 it measured 0.957x weights' step: auto decides by the path, not the
-    dtype). --recompute none still runs them so when asked."""
+def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> tuple[str, int]:
+    """--recompute auto: (level, hold_layers): the most-keeping of none > weights > weights of the first N layers > max
+    > default > full whose plan fits the budget: --max-memory (on the CPU less what the process already holds and
+    auto_cpu_headroom), else 90% of the device's memory. `weights` only where it holds something (a quantized base
+    in memory, compiled blocks); where the whole base's copy does not fit, the most layers' copies that do (N > 0;
+    0: all layers). `none` (no checkpointing) only where the layers run eagerly (on a GPU, --no-compile, the
+    generic path): there the recomputation is a whole layer's forward, and none measured 0.762x default's step
+    (bf16, eager CPU layers). Compiled layers under weights recompute only norms and skinny products, and none
+    measured 1.13x weights' step in bf16 there (tools/bench_methods.py, 40 pairs): the uncheckpointed graph saves
+    and rereads more than the checkpointed one recomputes (in float32 it measured 0.957x weights' step: auto
+    decides by the path, not the dtype). --recompute none still runs them so when asked."""
     from qtune.engine.recompute import LEVELS
     from qtune.memory import current_rss_bytes
     from qtune.train import device_memory_bytes
@@ -381,17 +385,28 @@ def resolve_recompute(cfg: TrainConfig, device: str = "cpu") -> str:
         budget = limit - (current_rss_bytes() + auto_cpu_headroom(limit) if device == "cpu" else 0)
     else:
         budget = int(0.9 * device_memory_bytes(torch.device(device)))
+
+    def fits(level: str, hold: int = 0) -> Plan | None:
+        p = plan_memory(dataclasses.replace(cfg, recompute=level, hold_layers=hold), device)
+        return p if p.total_bytes + p.overhead_bytes <= budget else None
+
     for level in LEVELS:
         if level == "weights" and cfg.offload != "none":
             continue
-        p = plan_memory(dataclasses.replace(cfg, recompute=level), device)
+        p = plan_memory(dataclasses.replace(cfg, recompute=level, hold_layers=0), device)
         if level == "weights" and not p.dense:
             continue
         if level == "none" and p.compiled:  # measured slower than weights there in bf16 (see above)
             continue
         if p.total_bytes + p.overhead_bytes <= budget:
-            return level
-    return LEVELS[-1]
+            return level, 0
+        if level == "weights" and p.layers > 1 and fits("weights", 1):  # the most layers' copies that fit
+            low, high = 1, p.layers - 1  # fits(low); the plan grows with the number held
+            while low < high:
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits("weights", mid) else (low, mid - 1)
+            return "weights", low
+    return LEVELS[-1], 0
 
 
 def suggestions(cfg: TrainConfig, device_bytes: int, device: str = "cpu", world: int = 1,
@@ -438,7 +453,8 @@ def format_plan(p: Plan, cfg: TrainConfig, device_memory: float | None = None) -
     lines.insert(7, f"    {'of which kept':<16}{gib(p.kept)}   (--recompute {cfg.recompute}"
                     + (f": {p.recompute}" if cfg.recompute == "auto" else "") + ")")
     if p.dense:
-        lines.insert(2, f"    {'of which held':<16}{gib(p.dense)}   (the dequantized base, --recompute {p.recompute})")
+        which = "" if p.held_layers == p.layers else f" of the first {p.held_layers} of {p.layers} layers"
+        lines.insert(2, f"    {'of which held':<16}{gib(p.dense)}   (the dequantized base{which}, --recompute {p.recompute})")
     lines += [f"  {'peak (tensors)':<18}{gib(p.total_bytes)}   at the {p.peak_phase} (persistent + that moment's terms)",
               f"  {'+ overhead':<18}{gib(p.overhead_bytes)}",
               f"  trainable params  {p.trainable_params:,}"]

@@ -27,7 +27,7 @@ from qtune.engine import causal_lm_loss, engine_of
 from qtune.model import build_model, decoder_layers, evaluate
 from qtune.precision import resolve_compute_dtype
 
-RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile")  # flags that may differ on --resume (same math)
+RESUME_FREE_KEYS = ("output", "max_steps", "offload", "offload_activations", "max_memory", "compile", "hold_layers")  # flags that may differ on --resume (same math)
 # may differ on --resume while processes × batch × accumulation (the rows of one optimizer step) stays the same
 RESUME_BATCH_KEYS = ("batch_size", "grad_accum")
 

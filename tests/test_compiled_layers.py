@@ -272,7 +272,7 @@ def test_the_default_run_compiles_every_layer_at_the_embedded_models_shapes(tmp_
     report = model.qtune_engine.execution_report(1)
     assert report["layers"] == {"compiled": 2, "eager": 0} and report["reasons"] == {}
     assert report["recompute"] == {"level": "default", "checkpointing": True, "keep_attention": True,
-                                   "keep_down": True, "keep_mlp": False, "keep_weights": False}
+                                   "keep_down": True, "keep_mlp": False, "keep_weights": False, "held_layers": 0}
 
 
 def _profiled_step(model, ids, mask):
@@ -363,8 +363,8 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     from qtune.loader import load_config
     from quant import QuantLinear
 
-    def run(recompute: str):
-        model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute)
+    def run(recompute: str, **kw):
+        model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
         return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), report
 
     model, loss_w, grads_w, deq_w, report = run("weights")
@@ -385,6 +385,19 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     for name in grads_m:
         torch.testing.assert_close(grads_w[name], grads_m[name], **TOL[torch.float32], msg=name)
     assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers for m in quantized)
+    # --hold-layers 1: the first layer holds its copies, the second dequantizes as under max; both layers compiled
+    # (the second's graph is a new signature, not a recompilation), with max's loss and gradients
+    model, loss_h, grads_h, deq_h, report = run("weights", hold_layers=1)
+    assert report["layers"] == {"compiled": L, "eager": 0} and report["reasons"] == {}
+    assert report["recompute"]["held_layers"] == 1 and report["recompute"]["keep_weights"] is True
+    holds = [sum(DENSE in m._buffers for m in layer.modules() if isinstance(m, QuantLinear))
+             for layer in model.model.layers]
+    assert holds == [7] + [0] * (L - 1), holds
+    assert deq_m == 14 * L - 3 and deq_h == 14 * (L - 1), (deq_h, deq_m)  # 7 forward + 7 backward a layer; the
+    # first layer's q, k, v need none for dL/dx (the embeddings are frozen), and that layer holds its copies here
+    torch.testing.assert_close(loss_h, loss_m, **TOL[torch.float32])
+    for name in grads_m:
+        torch.testing.assert_close(grads_h[name], grads_m[name], **TOL[torch.float32], msg=name)
 
 
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
@@ -408,7 +421,7 @@ def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(ti
     L = load_config(tiny_llama, False).num_hidden_layers
     assert report["layers"]["compiled"] == L and report_o["layers"]["compiled"] == L
     assert report["recompute"] == {"level": "none", "checkpointing": False, "keep_attention": False, "keep_down": False,
-                                   "keep_mlp": False, "keep_weights": True}
+                                   "keep_mlp": False, "keep_weights": True, "held_layers": 0}
     assert report_o["recompute"]["checkpointing"] is False and report_o["recompute"]["keep_weights"] is False
     assert fused_n == fused_o == 7 * L, (fused_n, fused_o)
     assert kept_n == kept_o == (7 * L if method == "qdora" else 0) and deq_n == 0  # DoRA's row norms: a copy each

@@ -328,8 +328,11 @@ def test_recompute_weights_in_the_plan(tiny_llama, tmp_path, monkeypatch):
     # on the CPU --max-memory bounds RSS: the plan's bytes, what the process holds, and the margin for what steps add
     limit = (need + 2**20 + qtune.plan.AUTO_CPU_RSS_FIXED) / (1 - qtune.plan.AUTO_CPU_RSS_FRACTION)
     assert qtune.plan.auto_cpu_headroom(int(limit)) >= 2**29
-    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit + 16) / 2**30)).recompute == "weights"
-    assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit - 64) / 2**30)).recompute == "max"
+    full = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit + 16) / 2**30))
+    assert full.recompute == "weights" and full.held_layers == full.layers == L
+    # just short of the whole base's copy: the most layers' copies that fit (--hold-layers, below)
+    short = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(limit - 64) / 2**30))
+    assert short.recompute == "weights" and 0 < short.held_layers < L
     assert plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need + 2**20 + 16) / 2**30)).recompute != "weights"
     assert plan_memory(TrainConfig(**cfg, recompute="auto", bits=16)).recompute == "max"  # nothing to hold
     res = CliRunner().invoke(main, ["plan", "--model", str(tiny_llama), "--compute-dtype", "bfloat16", "--rank", "4",
@@ -337,6 +340,44 @@ def test_recompute_weights_in_the_plan(tiny_llama, tmp_path, monkeypatch):
     assert res.exit_code == 0 and "of which held" in res.output, res.output
     with pytest.raises(QtuneError, match="--recompute weights holds the dequantized base"):
         TrainConfig(**cfg, recompute="weights", offload="disk")
+
+
+def test_hold_layers_in_the_plan_and_auto(tiny_llama, tmp_path, monkeypatch):
+    """--recompute weights --hold-layers N: the first N layers' dequantized copies (N/L of the whole base's), with
+    max's dequantization buffers for the layers that hold none. auto picks the largest N whose plan fits where the
+    whole copy does not, and max where not even one layer's fits."""
+    import qtune.memory
+    import qtune.plan
+
+    model = _deep_config(tiny_llama, tmp_path)
+    L = json.loads(Path(model).read_text())["num_hidden_layers"]
+    monkeypatch.setenv("QTUNE_COMPILE", "1")
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(qtune.plan, "auto_cpu_headroom", lambda limit: 0)  # the budget is the plan's own bytes here
+    cfg = dict(model=model, compute_dtype="bfloat16", rank=4, batch_size=2, seq_len=32)
+    whole, m = plan_memory(TrainConfig(**cfg, recompute="weights")), plan_memory(TrainConfig(**cfg, recompute="max"))
+    need = {}
+    for n in range(1, L + 1):
+        p = plan_memory(TrainConfig(**cfg, recompute="weights", hold_layers=n))
+        assert p.held_layers == n and p.dense * L == whole.dense * n
+        assert p.base_weights == m.base_weights + p.dense
+        assert p.dequant_buffers == (0 if n == L else m.dequant_buffers)
+        need[n] = p.total_bytes + p.overhead_bytes
+    assert all(need[n] < need[n + 1] for n in range(1, L - 1)) and need[L] == whole.total_bytes + whole.overhead_bytes
+    assert need[1] > m.total_bytes + m.overhead_bytes
+    # a budget that fits N layers' copies and not N + 1's: auto holds N, the most that fit (the whole base's copy
+    # where it fits: holding L - 1 layers' costs as much here, the last layer's dequantization buffers beside them)
+    for budget in sorted({need[n] for n in need} | {need[n] - 1 for n in need if n > 1}):
+        most = max(n for n in need if need[n] <= budget)
+        p = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=budget / 2**30))
+        assert (p.recompute, p.held_layers) == ("weights", most), (most, budget)
+    below = plan_memory(TrainConfig(**cfg, recompute="auto", max_memory=(need[1] - 1) / 2**30))
+    assert below.recompute == "max" and below.dense == 0
+    res = CliRunner().invoke(main, ["plan", "--model", model, "--compute-dtype", "bfloat16", "--rank", "4",
+                                    "--batch-size", "2", "--seq-len", "32", "--recompute", "weights", "--hold-layers", "5"])
+    assert res.exit_code == 0 and f"of the first 5 of {L} layers" in res.output, res.output
+    with pytest.raises(QtuneError, match="--hold-layers 5 applies to --recompute weights"):
+        TrainConfig(**cfg, recompute="max", hold_layers=5)
 
 
 def test_recompute_none_in_the_plan(tiny_llama, tmp_path, monkeypatch):

@@ -31,11 +31,48 @@ def test_auto_on_cuda(monkeypatch):
 
 
 def test_the_detection_agrees_with_torch():
-    """The flag is oneDNN's, what torch's compiler asks; on x86 it needs AVX-512 (AVX2 is not enough)."""
-    fast = precision.cpu_has_fast_bf16()
-    assert fast == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """The kernels flag is oneDNN's, what torch's compiler asks; on x86 it needs AVX-512 (AVX2 is not enough).
+    auto's bf16 needs the kernels and a measured speed-up on top."""
+    kernels = precision.cpu_has_bf16_kernels()
+    assert kernels == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX"):
-        assert not fast
+        assert not kernels
+    assert precision.cpu_has_fast_bf16() == (kernels and precision.cpu_bf16_speedup() >= precision.BF16_MIN_SPEEDUP)
+
+
+@pytest.fixture
+def no_speedup_yet(monkeypatch, tmp_path):
+    monkeypatch.setenv("QTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_speedup", None)
+    return tmp_path
+
+
+@pytest.mark.parametrize("speedup,dtype", [(0.55, "float32"), (0.99, "float32"), (1.0, "bfloat16"), (6.8, "bfloat16")])
+def test_auto_needs_bf16_kernels_that_outrun_float32(monkeypatch, no_speedup_yet, speedup, dtype):
+    """A Xeon with avx512_bf16 and no AMX measured 0.54-0.60x (bf16 slower: float32), one with AMX ~7x."""
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: True)
+    monkeypatch.setattr(precision, "_measure_bf16_speedup", lambda: speedup)
+    assert precision.resolve_compute_dtype("auto", "cpu") == dtype
+    if dtype == "float32":  # an explicit bf16 there warns with the measured figure
+        with pytest.warns(UserWarning, match=rf"measured {speedup:.2f}x float32's rate"):
+            assert precision.resolve_compute_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_the_speedup_is_measured_once_per_machine_and_kept(monkeypatch, no_speedup_yet):
+    """Where oneDNN has bf16 kernels: a real measurement (a positive rate ratio), kept in the cache, so that a
+    new process (here: a cleared in-process value) reads it instead of measuring; without them nothing is
+    measured (a bf16 product would take seconds) and the speed-up is 0."""
+    if not precision.cpu_has_bf16_kernels():
+        monkeypatch.setattr(precision, "_measure_bf16_speedup", lambda: pytest.fail("measured without kernels"))
+        assert precision.cpu_bf16_speedup() == 0.0 and not precision.cpu_has_fast_bf16()
+        return
+    first = precision.cpu_bf16_speedup()
+    assert 0 < first < 100
+    record = no_speedup_yet / "cpu_bf16_speedup.json"
+    assert list(__import__("json").loads(record.read_text()).values()) == [first]
+    monkeypatch.setattr(precision, "_speedup", None)
+    monkeypatch.setattr(precision, "_measure_bf16_speedup", lambda: pytest.fail("measured again"))
+    assert precision.cpu_bf16_speedup() == first
 
 
 def test_explicit_bf16_on_a_slow_cpu_warns_and_is_kept(monkeypatch):

@@ -112,13 +112,15 @@ def test_bench_peft_auto_report_checks_each_run_against_its_budget(tmp_path):
 
 def test_worker_command_is_the_protocol_every_checkout_speaks(tmp_path):
     """--against-tree runs the other checkout's own tools/bench_peft.py with only the flags every
-    checkout's worker knows (--compute-dtype only when it is not bf16), its qtune first on PYTHONPATH."""
+    checkout's worker knows, its qtune first on PYTHONPATH. --compute-dtype always: a worker's default is auto,
+    which is float32 on CPUs whose bf16 GEMMs are slower, so a bf16 benchmark must say bf16."""
     args = SimpleNamespace(model_dir=Path("/models/smol"), steps=1, warmup=0, threads=0, compute_dtype="bfloat16")
     old = tmp_path / "old"
     cmd, result, log = harness.worker_command(args, tmp_path, "qtune", "qlora", "qlora-0", tree=old)
     assert cmd[0] == sys.executable and result == tmp_path / "qlora-0.json" and log == tmp_path / "qlora-0.log"
     assert cmd[1:] == [str(old / "tools" / "bench_peft.py"), "--worker", "qtune", "qlora", "--work", str(tmp_path),
-                       "--result", str(result), "--model-dir", "/models/smol", "--steps", "1", "--warmup", "0"]
+                       "--result", str(result), "--model-dir", "/models/smol", "--steps", "1", "--warmup", "0",
+                       "--compute-dtype", "bfloat16"]
     args.threads, args.compute_dtype = 2, "float32"
     cmd, _, _ = harness.worker_command(args, tmp_path, "peer", "qdora", "t")
     assert cmd[1] == str(ROOT / "tools" / "bench_peft.py")  # this checkout's own worker, same entry point

@@ -100,7 +100,7 @@ def write_report(report: dict, out_dir: Path) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=1))
     s, m, a = report["summary"], report["machine"], report["args"]
     lines = [f"# `qtune train` against bench_peft's qtune worker ({m['cpu']}, {m['threads']} threads)", "",
-             f"CPU class: {'bf16 kernels (AVX512-BF16/AMX)' if m['bf16_kernels'] else 'no bf16 kernels (AVX2-only class)'}; "
+             f"CPU class: {h.cpu_class(m)}; "
              f"torch {m['torch']}, transformers {m['transformers']}; {a['compute_dtype']} compute; qtune --recompute "
              f"{a['recompute'] or 'default'}. Data: {report['plays']} training plays ({report['train_rows']} rows of "
              f"{h.SEQ_LEN}), {a['warmup']} warm-up + {a['steps']} timed steps, {a['repeats']} alternating pair(s).", "",
@@ -132,7 +132,7 @@ def main() -> None:
     import transformers
 
     from qtune.embedded import smollm2_hf_dir
-    from qtune.precision import cpu_has_fast_bf16, resolve_compute_dtype
+    from qtune.precision import resolve_compute_dtype
 
     if args.compute_dtype == "auto":
         args.compute_dtype = resolve_compute_dtype("auto", "cpu", warn=False)
@@ -151,7 +151,7 @@ def main() -> None:
             pairs.append({"bench": bench_side(bench), "cli": run_cli(args, work, f"cli-{rep}")})
         report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                   "plays": len(info["plays"]), "train_rows": info["train_rows"],
-                  "machine": {"cpu": h.cpu_name(), "bf16_kernels": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+                  "machine": {"cpu": h.cpu_name(), **h.cpu_bf16(), "threads": torch.get_num_threads(),
                               "python": platform.python_version(), "torch": torch.__version__,
                               "transformers": transformers.__version__},
                   "pairs": pairs, "summary": summarize(pairs)}

@@ -13,6 +13,9 @@
                                                        # --recompute max against the default policy, same method
     python -m tools.bench_methods --methods qlora --recompute weights --recompute-base max
                                                        # one policy against another
+    python -m tools.bench_methods --methods qlora --dtype float32
+                                                       # float32 against bf16 (--compute-dtype), same method:
+                                                       # which dtype --compute-dtype auto should pick on this CPU
 
 (from the repository root: tools/harness.py is imported as tools.harness.)
 
@@ -182,6 +185,8 @@ def main() -> None:
                     help="with --recompute: the policy it is compared with (default: default)")
     ap.add_argument("--recompute", default=None, choices=[c for c in RECOMPUTE_CHOICES if c != "default"],
                     help="each method under this --recompute against itself under the default policy, in lockstep")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                    help="each method in this compute dtype against itself in --compute-dtype's, in lockstep")
     ap.add_argument("--against-tree", metavar="DIR", default=None,
                     help="before/after of a code change: each method against the same method run from DIR, another "
                          "checkout of this repository (e.g. `git worktree add DIR HEAD~1`), in lockstep")
@@ -192,10 +197,10 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     tree = Path(args.against_tree).resolve() if args.against_tree else None
     known = h.METHODS + h.SECOND_WAVE
-    against_itself = tree is not None or args.generic or args.recompute is not None
+    against_itself = tree is not None or args.generic or args.recompute is not None or args.dtype is not None
     bad = [m for m in methods if m not in known or (m == "qlora" and not against_itself)]
-    modes = sum(bool(x) for x in (args.sequential, args.generic, tree, args.recompute))
-    if bad or args.repeats < 1 or args.steps < 1 or modes > 1:
+    modes = sum(bool(x) for x in (args.sequential, args.generic, tree, args.recompute, args.dtype))
+    if bad or args.repeats < 1 or args.steps < 1 or modes > 1 or args.dtype == args.compute_dtype:
         raise SystemExit(f"methods must be of {','.join(m for m in known if m != 'qlora' or tree)}; "
                          "--repeats and --steps >= 1; --against-tree runs in lockstep only")
     if tree:
@@ -207,6 +212,9 @@ def main() -> None:
     try:
         h.prepare_data(work, args.model_dir, args.plays, 1, args.warmup + args.steps)
         h.run_worker(args, work, "prep", "qtune-cache", "prep-qtune-cache")
+        if args.dtype:  # qtune's quantized cache is keyed by the compute dtype: fill the other one's too
+            h.run_worker(argparse.Namespace(**{**vars(args), "compute_dtype": args.dtype}), work, "prep", "qtune-cache",
+                         "prep-qtune-cache-dtype")
         rounds = []
         for rep in range(args.repeats):
             row = {}
@@ -228,6 +236,12 @@ def main() -> None:
                         trees_[base_label] = (m, None, {RECOMPUTE_ENV: base})
                     pair = lockstep_pair(args, work, (base_label, label), f"{m}-{rep}", trees_)
                     ref, run = pair[base_label], pair[label]
+                elif args.dtype:  # the method in --dtype against itself in --compute-dtype
+                    from tools.workers import DTYPE_ENV
+
+                    label = f"{m}@{args.dtype}"
+                    pair = lockstep_pair(args, work, (m, label), f"{m}-{rep}", {label: (m, None, {DTYPE_ENV: args.dtype})})
+                    ref, run = pair[m], pair[label]
                 elif args.sequential:
                     ref = h.run_worker(args, work, "qtune", "qlora", f"qlora-before-{m}-{rep}")
                     run = h.run_worker(args, work, "qtune", m, f"{m}-{rep}")
@@ -251,7 +265,7 @@ def main() -> None:
     if args.generic:
         for s in summary.values():
             s["goal"] = GENERIC_GOAL
-    if args.recompute:
+    if args.recompute or args.dtype:
         for s in summary.values():
             s["goal"] = None
     out = Path(args.out_dir)
@@ -270,10 +284,14 @@ def main() -> None:
         base = getattr(args, "recompute_base", "default")
         mode = (f"each method under --recompute {args.recompute} and under --recompute {base} in lockstep; the "
                 f"\"QLoRA\" columns are {base}'s, the ratio {args.recompute} / {base}")
+    if args.dtype:
+        mode = (f"each method in {args.dtype} and in {args.compute_dtype} in lockstep; the \"QLoRA\" columns are "
+                f"{args.compute_dtype}'s, the ratio {args.dtype} / {args.compute_dtype}")
     if tree:
         mode += f"; the reference (\"QLoRA\" columns) is each method run from the checkout {tree} ({tree_commit(tree)})"
     versus = ("another checkout" if tree else "the fused block (generic path)" if args.generic
-              else f"--recompute {getattr(args, 'recompute_base', 'default')}" if args.recompute else "qtune QLoRA")
+              else f"--recompute {getattr(args, 'recompute_base', 'default')}" if args.recompute
+              else f"itself in {args.compute_dtype}" if getattr(args, "dtype", None) else "qtune QLoRA")
     lines = [f"# qtune methods vs {versus} ({h.cpu_name()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "

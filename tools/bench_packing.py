@@ -153,12 +153,11 @@ def main() -> None:
     import torch
     import transformers
 
-    from qtune.precision import cpu_has_fast_bf16
 
     h.quiet_bitsandbytes()
     with tempfile.TemporaryDirectory(prefix="bench_packing_") as tmp:
         work = Path(tmp)
-        result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": h.cpu_name(), "cpu_class": "AVX512-BF16" if cpu_has_fast_bf16() else "no bf16 kernels (AVX2)",
+        result = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": h.cpu_name(), "cpu_class": h.cpu_class(h.cpu_bf16()),
                   "threads": torch.get_num_threads(),
                   "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
                   "lockstep": lockstep(args.steps, args.warmup, work)}

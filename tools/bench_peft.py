@@ -157,7 +157,7 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"qtune/peer pair(s) per method, medians. Held-out: {len(report['data']['heldout_rows_used'])} rows of Hamlet + "
         f"Sonnets ({report['data']['heldout_label_tokens']} tokens), one scoring function for both sides.",
         "",
-        f"CPU class: {'bf16 kernels (AVX512-BF16/AMX)' if report['machine'].get('bf16_kernels') else 'no bf16 kernels (AVX2-only class)' if 'bf16_kernels' in report['machine'] else 'not recorded'}; "
+        f"CPU class: {h.cpu_class(report['machine'])}; "
         f"torch {report['machine'].get('torch')}, transformers {report['machine'].get('transformers')}, "
         f"peft {report['machine'].get('peft')}, bitsandbytes {report['machine'].get('bitsandbytes')}; "
         f"qtune --recompute {report['machine'].get('recompute', 'default')}"
@@ -343,12 +343,11 @@ def parent_main(args) -> None:
         import peft
         import transformers
 
-        from qtune.precision import cpu_has_fast_bf16
 
         report = {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "methods": methods, "data": data_info,
-            "machine": {"cpu": h.cpu_name(), "bf16_kernels": cpu_has_fast_bf16(), "threads": torch.get_num_threads(),
+            "machine": {"cpu": h.cpu_name(), **h.cpu_bf16(), "threads": torch.get_num_threads(),
                         "python": platform.python_version(), "recompute": args.recompute or "default",
                         "max_memory": args.max_memory,
                         "torch": torch.__version__, "transformers": transformers.__version__,

@@ -69,6 +69,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_bf16() -> dict:
+    """What decides this CPU's class: whether oneDNN has bf16 kernels for it, and their measured rate over float32's
+    (qtune.precision: what --compute-dtype auto decides by)."""
+    from qtune.precision import cpu_bf16_speedup, cpu_has_bf16_kernels
+
+    return {"bf16_kernels": cpu_has_bf16_kernels(), "bf16_speedup": cpu_bf16_speedup()}
+
+
+def cpu_class(machine: dict) -> str:
+    """The CPU class a report ran on, from what it recorded (older reports: bf16_kernels only)."""
+    if "bf16_kernels" not in machine:
+        return "not recorded"
+    if not machine["bf16_kernels"]:
+        return "no bf16 kernels (AVX2-only class)"
+    speedup = machine.get("bf16_speedup")
+    if speedup is None:
+        return "bf16 kernels (AVX512-BF16/AMX)"
+    if speedup >= 1.0:
+        return f"fast bf16 kernels (AMX class: bf16 GEMMs {speedup:.1f}x float32's rate)"
+    return f"bf16 kernels slower than float32 (AVX512-BF16 without AMX: bf16 GEMMs {speedup:.2f}x float32's rate)"
+
+
 # --- the machine's limit and the step's work ---------------------------------------------------
 
 def gemm_rate(n: int = GEMM_N, runs: int = 5, dtype: str = "bfloat16") -> dict:
@@ -300,9 +322,9 @@ def worker_command(args, work: Path, side: str, method: str, tag: str, tree: Pat
     cmd = [sys.executable, str(script), "--worker", side, method, "--work", str(work),
            "--result", str(result), "--model-dir", str(args.model_dir), "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
-    dtype = getattr(args, "compute_dtype", "bfloat16")
-    if dtype != "bfloat16":  # only then: a worker of an older tree knows no such flag
-        cmd += ["--compute-dtype", dtype]
+    # always: a worker's own default is --compute-dtype auto, which resolves to float32 on CPUs whose bf16 GEMMs are
+    # slower (qtune.precision), so a bf16 benchmark that left it out ran float32 there
+    cmd += ["--compute-dtype", getattr(args, "compute_dtype", "bfloat16")]
     return cmd, result, work / f"{tag}.log"
 
 

@@ -83,6 +83,7 @@ def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate 
 
 RECOMPUTE_ENV = "QTUNE_BENCH_RECOMPUTE"  # a qtune worker's --recompute (tools/bench_methods.py --recompute)
 MAX_MEMORY_ENV = "QTUNE_BENCH_MAX_MEMORY"  # a qtune worker's --max-memory in GiB (tools/bench_peft.py --max-memory)
+DTYPE_ENV = "QTUNE_BENCH_COMPUTE_DTYPE"  # a qtune worker's --compute-dtype, over the command line's (bench_methods --dtype)
 
 
 def qtune_overrides() -> dict:
@@ -99,6 +100,7 @@ def worker_qtune(method: str, data: dict, work: Path, warmup: int, steps: int, c
                  gate: LockstepGate | None = None) -> dict:
     from qtune.errors import QtuneError
 
+    compute_dtype = os.environ.get(DTYPE_ENV) or compute_dtype
     try:
         run = h.QtuneRun(method, data, work, warmup + steps, compute_dtype, **qtune_overrides())
     except QtuneError as e:

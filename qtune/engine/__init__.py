@@ -79,10 +79,12 @@ class Engine:
         probe()
         p, act = self.policy, activation(self.model.config)
         reason = self.compile_reason or block_compile_reason(layer)
-        if p.keep_weights and reason is None and self.runner.failure is None and torch.is_grad_enabled():
+        holds = p.keep_weights and (not p.held_layers or i < p.held_layers)  # --hold-layers: the first N only
+        if holds and reason is None and self.runner.failure is None and torch.is_grad_enabled():
             hold_dense_weights(layer, h.dtype)  # --recompute weights: made at the layer's first training forward
         h = self.runner.run(i, decoder_block, (layer, h, cos, sin, mask, self.attention, p.keep_attention,
-                                               p.keep_down, act, p.keep_mlp), reason, self.checkpointing)
+                                               p.keep_down, act, p.keep_mlp), reason, self.checkpointing,
+                            variant=holds)
         if h.requires_grad:  # a memory meter samples in backward too, at each layer's boundary
             h.register_hook(_probe_in_backward)
         return h
@@ -143,7 +145,12 @@ class Engine:
                   "layers": {"compiled": sum(r == COMPILED for r in paths.values()), "eager": sum(eager.values())},
                   "reasons": dict(eager),
                   "recompute": {"level": p.level, "checkpointing": self.checkpointing, "keep_attention": p.keep_attention,
-                                "keep_down": p.keep_down, "keep_mlp": p.keep_mlp, "keep_weights": p.keep_weights}}
+                                "keep_down": p.keep_down, "keep_mlp": p.keep_mlp, "keep_weights": p.keep_weights,
+                                "held_layers": p.held_layers}}
+        from qtune.engine import compiled
+
+        if compiled.KERNEL_NOTE is not None:  # check_half_kernels changed how this machine compiles
+            report["kernels"] = compiled.KERNEL_NOTE
         failed = [r for r in eager if not r.startswith(CONFIGURED)]
         if failed and not self._warned:
             self._warned = True

@@ -88,6 +88,117 @@ def maybe_compile(fn):
     return run
 
 
+# --- a check of the C++ compiler's half-precision kernels --------------------------------------------
+
+# The kernels check_half_kernels compiles: two bf16 (64, 64) transpositions in one graph, which inductor turns
+# into one C++ function of two tiled 32x32 transposes (AVX-512). On a 2-core Xeon with avx512_bf16 and no AMX
+# (torch 2.13.0, g++ 12.2) that function came back with garbage in all but the first 4 values of each row:
+# inductor's flags (-O3 with -DSTANDALONE_TORCH_HEADER, whose TORCH_CHECK throws) miscompile ATen's
+# transpose_mxn<BFloat16, 32, 32> there, and a checkpointed compiled decoder block in bf16 then trains to NaN.
+# 256-bit kernels (16x16 tiles, another implementation) are correct there.
+HALF_KERNEL_SIZE = 64
+KERNEL_NOTE: str | None = None  # what check_half_kernels changed (None: nothing), for the execution line
+_verdicts: dict[str, str] = {}  # check_half_kernels' verdicts of this process
+
+
+def _transposes(x: torch.Tensor, y: torch.Tensor):
+    return x.t().contiguous().float(), (y * 2).t().contiguous()
+
+
+def _half_kernels_correct(dtype: torch.dtype, tag: str) -> bool:
+    """Whether inductor's compiled _transposes equals its eager result for `dtype` inputs (a fresh copy of the
+    function each call, so that dynamo compiles it under the current inductor config)."""
+    code = _transposes.__code__.replace(co_name=f"qtune_kernel_check_{tag}")
+    fn = types.FunctionType(code, _transposes.__globals__, code.co_name)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(HALF_KERNEL_SIZE, HALF_KERNEL_SIZE, generator=g).to(dtype) for _ in range(2))
+    got = torch.compile(fn, fullgraph=True, dynamic=False)(x, y)
+    return all(torch.equal(a, b) for a, b in zip(got, _transposes(x, y)))
+
+
+def _kernel_check_key(dtype: torch.dtype) -> str:
+    import hashlib
+    import platform
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    try:
+        from torch._inductor.cpp_builder import get_compiler_version_info, get_cpp_compiler
+
+        compiler = get_compiler_version_info(get_cpp_compiler())
+    except Exception:  # an older or newer torch without these helpers: the compiler's config name
+        compiler = str(inductor_config.cpp.cxx)
+    text = "|".join([torch.__version__, str(dtype), str(pick_vec_isa()), compiler, flags])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_half_kernels(dtype: torch.dtype) -> str | None:
+    """Before a CPU run compiles in a half-precision dtype: check that this machine's C++ compiler builds
+    inductor's vectorised kernels for it correctly (see HALF_KERNEL_SIZE's comment). If not, compile 256-bit
+    kernels instead (torch._inductor.config.cpp.simdlen = 256) and check again; if those are wrong too,
+    turn compiling off. Either change warns once and is returned (and kept in KERNEL_NOTE, which the execution
+    line reports); None where nothing changed. The verdict is kept under $QTUNE_CACHE per torch version,
+    compiler, vector ISA and CPU flags, so the check compiles once per machine."""
+    global KERNEL_NOTE, _failed
+    import json
+
+    from torch._inductor import config as inductor_config
+
+    if dtype not in (torch.bfloat16, torch.float16) or not enabled():
+        return None
+    _cache_dir()
+    from qtune.embedded import cache_dir
+
+    record = cache_dir() / "kernel_check.json"
+    key = _kernel_check_key(dtype)
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    verdict = known.get(key) or _verdicts.get(key)  # a process checks once, whatever $QTUNE_CACHE it moves to
+    if verdict is None:
+        try:
+            if _half_kernels_correct(dtype, "512"):
+                verdict = "ok"
+            else:
+                with inductor_config.patch({"cpp.simdlen": 256}):
+                    verdict = "simdlen 256" if _half_kernels_correct(dtype, "256") else "eager"
+        except compile_errors():  # no working compiler: the compiled paths' own fallbacks handle it
+            return None
+    _verdicts[key] = verdict
+    if key not in known:
+        known[key] = verdict
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, record)
+        except OSError:
+            pass
+    if verdict == "ok":
+        return None
+    what = str(dtype).removeprefix("torch.")
+    if verdict == "simdlen 256":
+        inductor_config.cpp.simdlen = 256
+        KERNEL_NOTE = f"256-bit {what} kernels (the C++ compiler miscompiled the 512-bit ones)"
+        warnings.warn(f"torch.compile's 512-bit {what} CPU kernels came out wrong on this machine (its C++ compiler "
+                      "miscompiles them: qtune.engine.compiled.check_half_kernels); qtune compiles 256-bit kernels "
+                      "instead (correct, somewhat slower). --compute-dtype float32 avoids it.", stacklevel=2)
+    else:
+        _failed = True
+        KERNEL_NOTE = f"compiling off: the C++ compiler miscompiled {what} kernels"
+        warnings.warn(f"torch.compile's {what} CPU kernels came out wrong on this machine, 512- and 256-bit alike "
+                      "(qtune.engine.compiled.check_half_kernels); qtune runs eagerly (same results, slower). "
+                      "--compute-dtype float32 avoids it.", stacklevel=2)
+    return KERNEL_NOTE
+
+
 # --- whole checkpointed blocks ---------------------------------------------------------------------
 
 def _policy(ctx, op, *args, **kwargs):
@@ -131,8 +242,10 @@ class BlockRunner:
         self._checkpointed = True  # whether _compiled runs the block under a checkpoint
         self._signatures: set = set()  # the inputs' shapes, dtypes and grad flags each compile was for
 
-    def run(self, index: int, function, args: tuple, reason: str | None, checkpoint: bool):
-        """function(*args) for layer `index`; `reason`: why it cannot compile (None: it may)."""
+    def run(self, index: int, function, args: tuple, reason: str | None, checkpoint: bool, variant=None):
+        """function(*args) for layer `index`; `reason`: why it cannot compile (None: it may). `variant`: what
+        else makes this layer's graph differ from another's (--hold-layers: whether it holds its dequantized
+        base), so that its first compile counts as a new signature, not a recompilation."""
         if not torch.is_grad_enabled():
             return function(*args)
         if reason is None and not (enabled() and layers_env_enabled()):
@@ -140,7 +253,7 @@ class BlockRunner:
         if reason is None and self.failure is not None:
             reason = self.failure
         if reason is None:
-            out = self._run_compiled(index, function, args, checkpoint)
+            out = self._run_compiled(index, function, args, checkpoint, variant)
             if out is not None:
                 return out
             reason = self.failure
@@ -149,7 +262,7 @@ class BlockRunner:
             return function(*args)
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=self.eager_context_fn)
 
-    def _run_compiled(self, index, function, args, checkpoint: bool = True):
+    def _run_compiled(self, index, function, args, checkpoint: bool = True, variant=None):
         if self._compiled is None or self._checkpointed != checkpoint:
             _cache_dir()
             # a copy of the function's code per runner: dynamo keys its cache and recompilation limit on
@@ -169,7 +282,7 @@ class BlockRunner:
         # a new signature (the first layer's input needs no gradient, a new sequence length) compiles
         # once; anything else dynamo compiled for this call is a recompilation
         signature = tuple((tuple(a.shape), a.dtype, a.requires_grad) if isinstance(a, torch.Tensor) else type(a)
-                          for a in args)
+                          for a in args) + (variant,)
         new = _graphs_compiled() - before
         if new > (0 if signature in self._signatures else 1):
             self.paths[index] = f"recompiled ({new} new graphs)"

@@ -15,6 +15,8 @@ One setting, `--recompute`:
   neither in the forward nor in backward (the base is frozen, so the copy never goes stale). Costs the
   base's compute-dtype size; the far end of the policy: what the 4-bit base saves is given back for speed
   where the budget allows it. Compiled blocks, a quantized base held in memory (not with --offload or fsdp).
+  `--hold-layers N` holds the first N layers' only (`held_layers`), the rest dequantizing as under max: what
+  auto picks where max fits the budget and the whole base's copy does not.
 - `none`: no recomputation at all: the decoder layers run without checkpointing (autograd keeps what each
   layer's backward reads; compiled blocks: what inductor's partitioner saves), and compiled blocks hold the
   dequantized base as `weights` does. The most memory (every layer's activations until its backward) for
@@ -22,7 +24,7 @@ One setting, `--recompute`:
   layers run eagerly (0.762x default's step there); compiled CPU layers measured 1.13x weights' step in bf16
   (the uncheckpointed graph saves and rereads more than weights recomputes). --no-gradient-checkpointing is
   the same without the held base.
-- `auto`: the most of none > weights > max > default > full whose plan (qtune.plan) fits the memory budget
+- `auto`: the most of none > weights > weights of fewer layers > max > default > full whose plan (qtune.plan) fits the memory budget
   (none only where the layers run eagerly, weights only where they compile: qtune.plan.resolve_recompute):
   --max-memory, else 90% of the device's memory (qtune.plan.resolve_recompute). Chosen before loading;
   metrics.jsonl's execution line and `qtune plan` show the choice.
@@ -55,6 +57,8 @@ class RecomputePolicy:
     """Keep gate/up's outputs (DoRA: their products u) (compiled blocks)."""
     keep_weights: bool = False
     """Hold each quantized linear's dequantized weight for the run (compiled blocks)."""
+    held_layers: int = 0
+    """With keep_weights: only the first N decoder layers hold their dequantized base (0 = all) (--hold-layers)."""
     checkpointing: bool = True
     """Whether the decoder layers are checkpointed at all (False: --recompute none, --no-gradient-checkpointing)."""
     level: str = "default"
@@ -64,11 +68,11 @@ class RecomputePolicy:
     def from_config(cls, cfg, device: str = "cpu") -> "RecomputePolicy":
         """From --recompute (auto resolved by the plan for `device`), with the older --keep-qkv / --dora-stash
         overriding their part when given."""
-        level = cfg.recompute
+        level, held = cfg.recompute, getattr(cfg, "hold_layers", 0)
         if level == "auto":
             from qtune.plan import resolve_recompute
 
-            level = resolve_recompute(cfg, device)
+            level, held = resolve_recompute(cfg, device)
         checkpointing = getattr(cfg, "gradient_checkpointing", True) and level != "none"
         if not checkpointing:  # nothing is recomputed, so nothing needs keeping for a recomputation
             return cls(keep_attention=False, keep_down=False, keep_mlp=False, keep_weights=level in ("weights", "none"),
@@ -77,7 +81,7 @@ class RecomputePolicy:
         keep_qkv, dora_stash = getattr(cfg, "keep_qkv", None), getattr(cfg, "dora_stash", None)
         return cls(keep_attention=on if keep_qkv is None else bool(keep_qkv),
                    keep_down=on if dora_stash is None else bool(dora_stash), keep_mlp=level in ("max", "weights"),
-                   keep_weights=level == "weights", level=level)
+                   keep_weights=level == "weights", held_layers=held if level == "weights" else 0, level=level)
 
 
 _state = threading.local()
