@@ -23,8 +23,8 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(qc, "_failed", False)
     monkeypatch.setattr(qc, "KERNEL_NOTE", None)
     monkeypatch.setattr(qc, "_verdicts", {})
-    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)  # inductor's default: the vector ISA's width
-    return tmp_path
+    with inductor_config.patch({"cpp.simdlen": None}):  # inductor's default (the vector ISA's width), restored after
+        yield tmp_path
 
 
 def test_after_the_check_compiled_bf16_kernels_are_correct(fresh):
@@ -65,7 +65,7 @@ def test_a_miscompiling_machine_gets_256_bit_kernels_and_a_warning(fresh, monkey
     assert inductor_config.cpp.simdlen == 256 and "256-bit" in note and qc.KERNEL_NOTE == note and not qc._failed
     # the verdict is kept: the next process (here: a call with this process's memory cleared) compiles nothing
     # and applies it again
-    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
+    inductor_config.cpp.simdlen = None  # the fixture's patch restores what it was before the test
     monkeypatch.setattr(qc, "_verdicts", {})
     monkeypatch.setattr(qc, "_half_kernels_correct", lambda *a: pytest.fail("checked again"))
     with pytest.warns(UserWarning, match="256-bit"):
