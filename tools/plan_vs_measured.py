@@ -28,6 +28,7 @@ CASES = [
     ("SmolLM2-135M", {"recompute": "full"}),
     ("SmolLM2-135M", {"recompute": "max"}),
     ("SmolLM2-135M", {"recompute": "weights"}),
+    ("SmolLM2-135M", {"recompute": "weights", "hold_layers": 20}),  # the first 20 of 30 layers' copies
     ("SmolLM2-135M", {"recompute": "none"}),
     ("SmolLM2-135M", {"recompute": "auto", "max_memory": 2.0}),  # the peer's peak RSS at this setting: weights fits
     ("SmolLM2-135M", {"method": "qdora"}),
@@ -97,14 +98,15 @@ def main():
         lines = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
         measured = max(x["peak_memory_bytes"] for x in lines if "loss" in x)
         rss = max(x["peak_rss_bytes"] for x in lines if "loss" in x)
-        level = next((x["recompute"]["level"] for x in lines if x.get("event") == "execution"), None)
+        execution = next((x["recompute"] for x in lines if x.get("event") == "execution"), {})
+        level, held = execution.get("level"), execution.get("held_layers", 0)
         if cfg.recompute == "auto":  # the run resolved it in its own process (its RSS is part of the budget)
-            cfg = dataclasses.replace(cfg, recompute=level)
+            cfg = dataclasses.replace(cfg, recompute=level, hold_layers=held if level == "weights" else 0)
         planned = plan_memory(cfg, "cpu")
         err = planned.total_bytes / measured - 1
         desc = ", ".join(f"{k}={v}" for k, v in over.items()) or "defaults (qlora, b4 x 256, r16)"
         if over.get("recompute") == "auto":
-            desc += f" (ran {level})"
+            desc += f" (ran {level}{f', {held} layers held' if held else ''})"
         rows.append(f"| {model_name} | {desc} | {planned.total_bytes / 2**20:,.0f} | {measured / 2**20:,.0f} | "
                     f"{err:+.1%} | {planned.peak_phase} | {rss / 2**20:,.0f} |")
         print(rows[-1], file=sys.stderr)

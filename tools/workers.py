@@ -2,7 +2,7 @@
 peer's (transformers + bitsandbytes + PEFT), and the worker's side of the lockstep protocol.
 
 Every (side, method) run is its own process, `tools/bench_peft.py --worker SIDE METHOD --work DIR
---result FILE --model-dir DIR --steps N --warmup N [--threads N] [--compute-dtype float32]
+--result FILE --model-dir DIR --steps N --warmup N [--threads N] [--compute-dtype DTYPE]
 [--lockstep-ack-fd FD]` (worker_main): it reads DIR/data.safetensors (harness.prepare_data), trains,
 and writes a JSON result (step_times_s, step_tokens, train_losses, heldout_before/after, setup_s,
 setup_peak_rss_bytes, train_peak_rss_bytes, peak_rss_bytes, ...). That command line, the data file
