@@ -125,8 +125,8 @@ def resolve_compute_dtype(name: str, device: str, warn: bool = True) -> str:
             why = ("on a CPU without bf16 matrix instructions (no AVX-512 or Arm BF16: torch reports "
                    f"{torch.backends.cpu.get_cpu_capability()}): its bf16 GEMMs run tens of times slower than float32 here")
         else:
-            why = (f"on this CPU: its bf16 GEMMs measured {cpu_bf16_speedup():.2f}x float32's rate (AVX-512 BF16 "
-                   "without AMX; qtune.precision.cpu_bf16_speedup), so bf16 trains slower here")
+            why = (f"on this CPU: its bf16 GEMMs measured {cpu_bf16_speedup():.2f}x float32's rate "
+                   "(qtune.precision.cpu_bf16_speedup; seen on AVX-512 BF16 CPUs without AMX), so bf16 trains slower here")
         warnings.warn(f"--compute-dtype bfloat16 {why}. Fix: --compute-dtype auto (picks float32 on this CPU) or "
                       "float32.", stacklevel=2)
     return name

@@ -343,7 +343,6 @@ def parent_main(args) -> None:
         import peft
         import transformers
 
-
         report = {
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "methods": methods, "data": data_info,

@@ -86,9 +86,11 @@ def cpu_class(machine: dict) -> str:
     speedup = machine.get("bf16_speedup")
     if speedup is None:
         return "bf16 kernels (AVX512-BF16/AMX)"
-    if speedup >= 1.0:
-        return f"fast bf16 kernels (AMX class: bf16 GEMMs {speedup:.1f}x float32's rate)"
-    return f"bf16 kernels slower than float32 (AVX512-BF16 without AMX: bf16 GEMMs {speedup:.2f}x float32's rate)"
+    from qtune.precision import BF16_MIN_SPEEDUP
+
+    if speedup >= BF16_MIN_SPEEDUP:
+        return f"fast bf16 kernels (bf16 GEMMs {speedup:.1f}x float32's rate, as with AMX)"
+    return f"bf16 kernels slower than float32 (bf16 GEMMs {speedup:.2f}x float32's rate, as with AVX512-BF16 without AMX)"
 
 
 # --- the machine's limit and the step's work ---------------------------------------------------
