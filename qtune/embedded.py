@@ -31,6 +31,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QTUNE_CACHE") or Path.home() / ".cache" / "qtune")
 
 
+def machine_record(name: str, key: str, compute):
+    """A per-machine value kept in $QTUNE_CACHE/NAME (JSON, key -> value): the kept one, else compute() (whose
+    exception propagates, nothing kept), written atomically beside the others; a cache that cannot be written
+    only costs the next process the computation again."""
+    import json
+
+    record = cache_dir() / name
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = compute()
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, record)
+        except OSError:
+            pass
+    return known[key]
+
+
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

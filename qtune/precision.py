@@ -82,27 +82,9 @@ def cpu_bf16_speedup() -> float:
         return _speedup
     if not cpu_has_bf16_kernels():
         return 0.0
-    import json
-    import os
+    from qtune.embedded import machine_record
 
-    from qtune.embedded import cache_dir
-
-    record = cache_dir() / "cpu_bf16_speedup.json"
-    key = _machine_key()
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = round(_measure_bf16_speedup(), 3)
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, record)
-        except OSError:
-            pass
-    _speedup = float(known[key])
+    _speedup = float(machine_record("cpu_bf16_speedup.json", _machine_key(), lambda: round(_measure_bf16_speedup(), 3)))
     return _speedup
 
 

@@ -146,41 +146,25 @@ def check_half_kernels(dtype: torch.dtype) -> str | None:
     line reports); None where nothing changed. The verdict is kept under $QTUNE_CACHE per torch version,
     compiler, vector ISA and CPU flags, so the check compiles once per machine."""
     global KERNEL_NOTE, _failed
-    import json
-
     from torch._inductor import config as inductor_config
 
     if dtype not in (torch.bfloat16, torch.float16) or not enabled():
         return None
     _cache_dir()
-    from qtune.embedded import cache_dir
+    from qtune.embedded import machine_record
 
-    record = cache_dir() / "kernel_check.json"
+    def probe() -> str:
+        if _half_kernels_correct(dtype, "512"):
+            return "ok"
+        with inductor_config.patch({"cpp.simdlen": 256}):
+            return "simdlen 256" if _half_kernels_correct(dtype, "256") else "eager"
+
     key = _kernel_check_key(dtype)
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        known = {}
-    verdict = known.get(key) or _verdicts.get(key)  # a process checks once, whatever $QTUNE_CACHE it moves to
-    if verdict is None:
-        try:
-            if _half_kernels_correct(dtype, "512"):
-                verdict = "ok"
-            else:
-                with inductor_config.patch({"cpp.simdlen": 256}):
-                    verdict = "simdlen 256" if _half_kernels_correct(dtype, "256") else "eager"
-        except compile_errors():  # no working compiler: the compiled paths' own fallbacks handle it
-            return None
+    try:  # a process checks once, whatever $QTUNE_CACHE it moves to
+        verdict = machine_record("kernel_check.json", key, lambda: _verdicts.get(key) or probe())
+    except compile_errors():  # no working compiler: the compiled paths' own fallbacks handle it
+        return None
     _verdicts[key] = verdict
-    if key not in known:
-        known[key] = verdict
-        try:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, record)
-        except OSError:
-            pass
     if verdict == "ok":
         return None
     what = str(dtype).removeprefix("torch.")
