@@ -76,6 +76,28 @@ def _fix_rosa_support(model):
             m.sparse_values.data.normal_(0, 0.1)
 
 
+def test_linear_lora_group_is_each_linears_product_with_their_gradients():
+    """qtune::linear_lora_group, y = x·[W₁; W₂; W₃]ᵀ with h_i·B_iᵀ added to each linear's own columns, against the
+    equation written per linear (x·W_iᵀ + h_i·B_iᵀ, h = [h₁, h₂, h₃]) in plain torch, and its gradients for x, h
+    and each B_i (unequal widths and ranks, a 3-D input) against autograd's of that reference."""
+    from qtune.engine.ops import linear_lora_group
+
+    torch.manual_seed(0)
+    outs, ranks = (24, 8, 8), (4, 2, 6)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(sum(outs), 16, dtype=torch.float64)
+    h = torch.randn(2, 5, sum(ranks), dtype=torch.float64, requires_grad=True)
+    bs = [torch.randn(o, r, dtype=torch.float64, requires_grad=True) for o, r in zip(outs, ranks)]
+    g = torch.randn(2, 5, sum(outs), dtype=torch.float64)
+    y = linear_lora_group(x, w, h, bs)
+    grads = torch.autograd.grad(y, [x, h, *bs], g)
+    ref = torch.cat([x @ w_i.t() + h_i @ b.t()
+                     for w_i, h_i, b in zip(w.split(outs), h.split(ranks, -1), bs)], dim=-1)
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref, [x, h, *bs], g)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("method,compute_dtype", [("qlora", "float32"), ("qlora", "bfloat16"), ("qdora", "float32"),
                                                   ("qdora", "bfloat16"), ("qrosa", "float32"), ("qrosa", "bfloat16")])
 def test_compiled_blocks_match_the_reference_forwards(tiny_llama, tmp_path, method, compute_dtype, monkeypatch,
@@ -359,16 +381,19 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     training forward on. A later step then dequantizes nothing (forward, recomputation and backward read the
     held copy), with the loss and gradients of --recompute max; the copies equal the codes' dequantization and
     stay out of the state dict (nothing new is saved)."""
-    from qtune.engine.linear import DENSE, drop_dense_weights
+    from qtune.engine.linear import DENSE, DENSE_GROUP, drop_dense_weights
     from qtune.loader import load_config
     from quant import QuantLinear
 
     def run(recompute: str, **kw):
         model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
+        run.grouped = counts.get("qtune::linear_lora_group", 0)
         return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), report
 
     model, loss_w, grads_w, deq_w, report = run("weights")
+    grouped_w = run.grouped
     _, loss_m, grads_m, deq_m, _ = run("max")
+    assert run.grouped == 0
     L = load_config(tiny_llama, False).num_hidden_layers
     assert report["layers"]["compiled"] == L and report["recompute"]["keep_weights"] is True
     assert report["recompute"]["level"] == "weights" and report["recompute"]["keep_mlp"] is True
@@ -379,12 +404,23 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
         held = getattr(m, DENSE)
         assert held.dtype == torch.float32
         torch.testing.assert_close(held, m.qweight.dequantize(torch.float32), rtol=0, atol=0)
+    # q/k/v and gate/up: their copies are rows of one stacked weight each, which one GEMM a group reads (the
+    # forward only: max keeps q/k/v's and gate/up's outputs), with max's loss and gradients (one GEMM each there)
+    for layer in model.model.layers:
+        for group in ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                      [layer.mlp.gate_proj, layer.mlp.up_proj]):
+            stacked = getattr(group[0].base_layer, DENSE_GROUP)
+            torch.testing.assert_close(stacked, torch.cat([m.base_layer.qweight.dequantize(torch.float32) for m in group]),
+                                       rtol=0, atol=0)
+            assert sum(getattr(m.base_layer, DENSE).numel() for m in group) == stacked.numel()
+            assert {getattr(m.base_layer, DENSE).untyped_storage().data_ptr() for m in group} == {stacked.untyped_storage().data_ptr()}
+    assert grouped_w == 2 * L, grouped_w
     assert not any(DENSE in k for k in model.state_dict())
     torch.testing.assert_close(loss_w, loss_m, **TOL[torch.float32])
     assert grads_w.keys() == grads_m.keys()
     for name in grads_m:
         torch.testing.assert_close(grads_w[name], grads_m[name], **TOL[torch.float32], msg=name)
-    assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers for m in quantized)
+    assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers or DENSE_GROUP in m._buffers for m in quantized)
     # --hold-layers 1: the first layer holds its copies, the second dequantizes as under max; both layers compiled
     # (the second's graph is a new signature, not a recompilation), with max's loss and gradients
     model, loss_h, grads_h, deq_h, report = run("weights", hold_layers=1)
@@ -393,6 +429,7 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
     holds = [sum(DENSE in m._buffers for m in layer.modules() if isinstance(m, QuantLinear))
              for layer in model.model.layers]
     assert holds == [7] + [0] * (L - 1), holds
+    assert run.grouped == 2  # the first layer's two groups, on its stacked copies; the second's linears one by one
     assert deq_m == 14 * L - 3 and deq_h == 14 * (L - 1), (deq_h, deq_m)  # 7 forward + 7 backward a layer; the
     # first layer's q, k, v need none for dL/dx (the embeddings are frozen), and that layer holds its copies here
     torch.testing.assert_close(loss_h, loss_m, **TOL[torch.float32])
@@ -403,16 +440,17 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
 @pytest.mark.parametrize("method", ["qlora", "qdora"])
 def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(tiny_llama, tmp_path, compiled, method):
     """--recompute none: the layers run as compiled graphs without a checkpoint, holding the dequantized base as
-    weights does. A later step then runs each linear's forward once (no recomputation: 7 linear_lora calls per
-    layer, nothing kept but QDoRA's row norms, no dequantization), with the loss and gradients of --recompute weights; the
+    weights does. A later step then runs each linear's forward once (no recomputation: per layer, o's and down's
+    linear_lora and q/k/v's and gate/up's one linear_lora_group each, on their held stacked weights; nothing kept
+    but QDoRA's row norms, no dequantization), with the loss and gradients of --recompute weights; the
     execution line says checkpointing is off. --no-gradient-checkpointing compiles its blocks the same way, without
     the held base: each weight is dequantized in the forward and saved by the graph for its dL/dx."""
     from qtune.loader import load_config
 
     def run(recompute: str, **kw):
         model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
-        return (loss, grads, counts.get("qtune::linear_lora", 0), counts.get("bitsandbytes::dequantize_4bit", 0),
-                counts.get("qtune::keep", 0), report)
+        return (loss, grads, (counts.get("qtune::linear_lora", 0), counts.get("qtune::linear_lora_group", 0)),
+                counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0), report)
 
     loss_n, grads_n, fused_n, deq_n, kept_n, report = run("none")
     loss_w, grads_w, *_ = run("weights")
@@ -423,7 +461,7 @@ def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(ti
     assert report["recompute"] == {"level": "none", "checkpointing": False, "keep_attention": False, "keep_down": False,
                                    "keep_mlp": False, "keep_weights": True, "held_layers": 0}
     assert report_o["recompute"]["checkpointing"] is False and report_o["recompute"]["keep_weights"] is False
-    assert fused_n == fused_o == 7 * L, (fused_n, fused_o)
+    assert fused_n == (2 * L, 2 * L) and fused_o == (7 * L, 0), (fused_n, fused_o)  # without held weights: 7 each
     assert kept_n == kept_o == (7 * L if method == "qdora" else 0) and deq_n == 0  # DoRA's row norms: a copy each
     assert deq_o == 7 * L  # in the forward only: the graph saves each dequantized weight for its dL/dx
     for loss, grads in ((loss_n, grads_n), (loss_o, grads_o)):

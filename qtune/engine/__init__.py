@@ -19,8 +19,8 @@ from torch import nn
 
 from qtune.adapters.dora import DoRALinear
 from qtune.architectures import decoder, head_of
-from qtune.engine.block import (activation, biases, block_compile_reason, decoder_block, embed, final_norm, position_embeddings,
-                                unsupported_reason)
+from qtune.engine.block import (activation, biases, block_compile_reason, decoder_block, embed, final_norm, linear_groups,
+                                position_embeddings, unsupported_reason)
 from qtune.engine.attention import segment_positions
 from qtune.engine.compiled import COMPILED, BlockRunner
 from qtune.engine.fused import STEP_NORMS
@@ -81,7 +81,7 @@ class Engine:
         reason = self.compile_reason or block_compile_reason(layer)
         holds = p.keep_weights and (not p.held_layers or i < p.held_layers)  # --hold-layers: the first N only
         if holds and reason is None and self.runner.failure is None and torch.is_grad_enabled():
-            hold_dense_weights(layer, h.dtype)  # --recompute weights: made at the layer's first training forward
+            hold_dense_weights(layer, h.dtype, linear_groups(layer))  # --recompute weights: made at the layer's first training forward
         h = self.runner.run(i, decoder_block, (layer, h, cos, sin, mask, self.attention, p.keep_attention,
                                                p.keep_down, act, p.keep_mlp), reason, self.checkpointing,
                             variant=holds)

@@ -198,6 +198,14 @@ def decoder_block(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: tor
     return h + mlp(layer.mlp, _norm(layer.post_attention_layernorm, h), keep_down, act, keep_mlp=keep_mlp)
 
 
+def linear_groups(layer: nn.Module) -> list[list[nn.Module]]:
+    """The linears of a layer that read one input, as attention() and mlp() group them (L.group): q/k/v and gate/up
+    (Phi-3's are one linear each already)."""
+    attn, mlp_ = layer.self_attn, layer.mlp
+    groups = [] if hasattr(attn, "qkv_proj") else [[attn.q_proj, attn.k_proj, attn.v_proj]]
+    return groups + ([] if hasattr(mlp_, "gate_up_proj") else [[mlp_.gate_proj, mlp_.up_proj]])
+
+
 def block_compile_reason(layer: nn.Module) -> str | None:
     """Why this layer cannot run as one compiled graph (None: it can)."""
     for m in layer.modules():

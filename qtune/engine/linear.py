@@ -17,7 +17,7 @@ from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
 from qtune.engine.fused import KEEP, REUSE, dora_node, fusable, lora_node
-from qtune.engine.ops import fold_sparse, keep, linear_lora, lora_down, rosa_linear, row_norms
+from qtune.engine.ops import fold_sparse, keep, linear_lora, linear_lora_group, lora_down, rosa_linear, row_norms
 from qtune.engine.recompute import recomputing
 from quant import QuantLinear
 from quant.formats import QuantizedWeight
@@ -85,6 +85,7 @@ def route_adapters(model: nn.Module, on: bool = True) -> None:
 # --- traced (inside a compiled block) ---------------------------------------------------------------
 
 DENSE = "qtune_dense_weight"  # a QuantLinear's held dequantized weight (--recompute weights): a non-persistent buffer
+DENSE_GROUP = "qtune_dense_group_weight"  # a group's bases' held weights stacked by rows (their DENSE are its views)
 
 
 def traced_base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -98,48 +99,73 @@ def traced_base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.qweight.dequantize_traced(dtype)
 
 
-def hold_dense_weights(layer: nn.Module, dtype: torch.dtype) -> None:
+def hold_dense_weights(layer: nn.Module, dtype: torch.dtype, groups: list[list[nn.Module]] = ()) -> None:
     """--recompute weights: each in-memory QuantLinear of `layer` holds its weight dequantized to `dtype`, made once
     by the same operators a compiled block traces (so its values are the ones that block would compute), as a
-    non-persistent buffer (it moves with the module and is never saved). Idempotent."""
+    non-persistent buffer (it moves with the module and is never saved). `groups`: the linears that read one input
+    (q/k/v, gate/up; qtune.engine.block.linear_groups); where a group runs as one GEMM (groupable), its bases'
+    copies are rows of one stacked weight, held once (DENSE_GROUP on its first base) and read by that GEMM.
+    Idempotent."""
+    for modules in groups:
+        bases = [m.base_layer for m in modules] if groupable(modules) else []
+        if not all(isinstance(b, QuantLinear) and type(b.qweight) is QuantizedWeight for b in bases):
+            continue
+        if all(_holds(b, dtype) for b in bases) and getattr(bases[0], DENSE_GROUP, None) is not None:
+            continue
+        with torch.no_grad():
+            stacked = torch.cat([b.qweight.dequantize_traced(dtype) for b in bases])
+        bases[0].register_buffer(DENSE_GROUP, stacked, persistent=False)
+        rows = 0
+        for b in bases:
+            b.register_buffer(DENSE, stacked[rows:rows + b.out_features], persistent=False)
+            rows += b.out_features
     for m in layer.modules():
-        if isinstance(m, QuantLinear) and type(m.qweight) is QuantizedWeight:
-            held = getattr(m, DENSE, None)
-            if held is None or held.dtype != dtype or held.device != m.qweight.packed.device:
-                with torch.no_grad():
-                    m.register_buffer(DENSE, m.qweight.dequantize_traced(dtype), persistent=False)
+        if isinstance(m, QuantLinear) and type(m.qweight) is QuantizedWeight and not _holds(m, dtype):
+            with torch.no_grad():
+                m.register_buffer(DENSE, m.qweight.dequantize_traced(dtype), persistent=False)
+
+
+def _holds(m: nn.Module, dtype: torch.dtype) -> bool:
+    held = getattr(m, DENSE, None)
+    return held is not None and held.dtype == dtype and held.device == m.qweight.packed.device
 
 
 def drop_dense_weights(model: nn.Module) -> int:
-    """Free every held dequantized weight; returns how many there were."""
+    """Free every held dequantized weight (and the stacked copies of groups); returns how many linears held one."""
     n = 0
     for m in model.modules():
+        m._buffers.pop(DENSE_GROUP, None)
         if isinstance(m, QuantLinear) and DENSE in m._buffers:
             del m._buffers[DENSE]
             n += 1
     return n
 
 
-def _lora(layer, x, h):
-    """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora)."""
+def _lora(layer, x, h, w=None, u=None):
+    """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora); `u`: that product
+    already formed by its group's GEMM (group)."""
     base, dtype = layer.base_layer, x.dtype
-    y = linear_lora(x, traced_base_weight(base, dtype), h, (layer.lora_B * layer.scale).to(dtype))
-    return y if base.bias is None else y + base.bias.to(dtype)
+    if u is None:
+        u = linear_lora(x, traced_base_weight(base, dtype), h, (layer.lora_B * layer.scale).to(dtype))
+    return u if base.bias is None else u + base.bias.to(dtype)
 
 
-def _dora(layer, x, h, keep_product: bool):
+def _dora(layer, x, h, keep_product: bool, w=None, u=None):
     """u = x·D(W)ᵀ + s·h·Bᵀ, y = (m/n) ⊙ u + b, n without gradient (row_norms of the detached factors, traced so
     that inductor fuses its elementwise part, and kept by the checkpoint: the recomputation reads it).
-    `keep_product` keeps u (the magnitude's gradient reads it): the recomputation skips the base GEMM."""
+    `keep_product` keeps u (the magnitude's gradient reads it): the recomputation skips the base GEMM.
+    `w`, `u`: the base weight and u as its group's GEMM formed them (group)."""
     base, dtype = layer.base_layer, x.dtype
-    w = traced_base_weight(base, dtype)
+    if w is None:
+        w = traced_base_weight(base, dtype)
     w_sq = getattr(layer, "_qtune_row_sq", None)
     if w_sq is None:
         with torch.no_grad():
             w_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     n = keep(row_norms(w_sq, a, b, F.linear(a.to(dtype), w), float(layer.scale)))
-    u = linear_lora(x, w, h, (layer.lora_B * layer.scale).to(dtype))
+    if u is None:
+        u = linear_lora(x, w, h, (layer.lora_B * layer.scale).to(dtype))
     if keep_product:
         u = keep(u)
     y = (u.float() * (layer.magnitude / n)).to(dtype)  # c in fp32: rounded to bf16 it would snap to 1
@@ -183,12 +209,36 @@ def linear(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_on
     return eager(module, x, keep_output, sum_only)
 
 
+def groupable(modules: list[nn.Module]) -> bool:
+    """Whether linears that read one input run as one GEMM in a compiled block (linear_lora_group): LoRA and DoRA
+    adapters (RoSA folds its sparse term into each weight, and keeps one GEMM each)."""
+    return len(modules) > 1 and all(isinstance(m, (LoRALinear, DoRALinear)) for m in modules)
+
+
+def held_group_weight(modules: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
+    """The group's bases stacked by rows, (Σ out, in), as hold_dense_weights holds them (--recompute weights), or
+    None. Only a held stack runs as one GEMM: stacked afresh in each forward, the copy cost the step what the wider
+    GEMM saved and raised its peak (tools/results/bench_methods_2026-12-06_group_default_fp32.md)."""
+    held = getattr(modules[0].base_layer, DENSE_GROUP, None)
+    if held is None or held.dtype != dtype or held.shape[0] != sum(m.lora_B.shape[0] for m in modules):
+        return None
+    return held
+
+
 def group(modules: list[nn.Module], x: torch.Tensor, keep_output: bool = False) -> list[torch.Tensor]:
     """[linear(m, x) for m in modules] for linears that read the same x (q/k/v, gate/up). Compiled, their
-    down-projections are one GEMM, h = x·[A₁; A₂; …]ᵀ, split by columns (and so are its gradients)."""
+    down-projections are one GEMM, h = x·[A₁; A₂; …]ᵀ, split by columns (and so are its gradients), and so are
+    LoRA's and DoRA's base products (linear_lora_group on the stacked bases), each adapter's up-projection
+    accumulated into its own columns, where the layer holds their stacked weight (held_group_weight)."""
     adapters = all(isinstance(m, (LoRALinear, DoRALinear, RoSALinear)) for m in modules)
     if len(modules) > 1 and torch.compiler.is_compiling() and adapters:
-        hs = lora_down(x, torch.cat([m.lora_A for m in modules]).to(x.dtype)).split([m.rank for m in modules], -1)
-        return [traced(m, x, h, keep_output and keeps_own_product(m)) for m, h in zip(modules, hs)]
+        h = lora_down(x, torch.cat([m.lora_A for m in modules]).to(x.dtype))
+        w = held_group_weight(modules, x.dtype) if groupable(modules) else None
+        if w is not None:
+            dtype, outs = x.dtype, [m.lora_B.shape[0] for m in modules]
+            u = linear_lora_group(x, w, h, [(m.lora_B * m.scale).to(dtype) for m in modules])
+            return [_dora(m, x, None, keep_output, w_i, u_i) if isinstance(m, DoRALinear) else _lora(m, x, None, u=u_i)
+                    for m, w_i, u_i in zip(modules, w.split(outs), u.split(outs, dim=-1))]
+        hs = h.split([m.rank for m in modules], -1)
+        return [traced(m, x, h_i, keep_output and keeps_own_product(m)) for m, h_i in zip(modules, hs)]
     return [linear(m, x, keep_output) for m in modules]
-

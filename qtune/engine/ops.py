@@ -77,6 +77,52 @@ def _linear_lora_backward(ctx, g):
 _register(linear_lora, _save_inputs, _linear_lora_backward)
 
 
+@torch.library.custom_op("qtune::linear_lora_group", mutates_args=(), tags=FLEXIBLE)
+def linear_lora_group(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b_s: list[torch.Tensor]) -> torch.Tensor:
+    """linear_lora of linears that read the same x (q/k/v, gate/up) as one GEMM: y = x·wᵀ with w = [W₁; W₂; …]
+    (the bases stacked by rows), then each adapter's h_i·B_iᵀ accumulated into its own columns of y, with
+    h = [h₁, h₂, …] (the group's one down-projection, qtune.engine.linear.group). One wide GEMM runs nearer the
+    machine's rate than the narrow ones (k/v's 192 columns), and dL/dx is one GEMM where it was one per linear
+    plus their sum: 0.957x the step under --recompute weights in float32
+    (tools/results/bench_methods_2026-12-06_group_weights_fp32*.md)."""
+    y = F.linear(x, w)
+    y2, h2 = y.view(-1, y.shape[-1]), h.reshape(-1, h.shape[-1])
+    o = r = 0
+    for b in b_s:
+        y2[:, o:o + b.shape[0]].addmm_(h2[:, r:r + b.shape[1]], b.t())
+        o, r = o + b.shape[0], r + b.shape[1]
+    return y
+
+
+@linear_lora_group.register_fake
+def _(x, w, h, b_s):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _linear_lora_group_setup(ctx, inputs, output):
+    x, w, h, b_s = inputs
+    ctx.save_for_backward(x, w, h, *b_s)
+
+
+def _linear_lora_group_backward(ctx, g):
+    x, w, h, *b_s = ctx.saved_tensors
+    g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+    need = ctx.needs_input_grad
+    grad_x = (g2 @ w).view(x.shape) if need[0] else None
+    grad_w = g2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    grads_h, grads_b, o, r = [], [], 0, 0
+    for b in b_s:
+        g_i = g2[:, o:o + b.shape[0]]
+        grads_h.append(g_i @ b)
+        grads_b.append(g_i.t() @ h2[:, r:r + b.shape[1]])
+        o, r = o + b.shape[0], r + b.shape[1]
+    grad_h = torch.cat(grads_h, dim=-1).view(h.shape) if need[2] else None
+    return grad_x, grad_w, grad_h, grads_b
+
+
+_register(linear_lora_group, _linear_lora_group_setup, _linear_lora_group_backward)
+
+
 @torch.library.custom_op("qtune::lora_down", mutates_args=(), tags=FLEXIBLE)
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """h = x·aᵀ (..., r): one operator so that the checkpoint keeps h rather than redo the skinny GEMM."""
