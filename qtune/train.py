@@ -157,6 +157,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
         teardown(d)
 
 
+def returns_freed_memory(cfg: TrainConfig) -> bool:
+    """Whether a CPU run gives freed blocks back to the OS at once (qtune.memory.release_freed_memory_promptly): with
+    --offload disk, whose streamed weights otherwise stay resident as free arena space. Other runs, --max-memory
+    included, keep them for the next step: giving them back faulted ~0.9 GB of pages in again every float32 step
+    at the benchmark's setting (0.4-0.5 s of system time a step, ~15%) for a peak RSS within 0.1 GiB of keeping
+    them (docs/benchmarks.md), and auto's budget already leaves room for the allocator's retained memory
+    (qtune.plan). tools/harness.py asks the same function, so the benchmark runs what `qtune train` runs."""
+    return cfg.offload == "disk"
+
+
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, d: Dist, device: torch.device) -> dict:
     cfg.compute_dtype = resolve_compute_dtype(cfg.compute_dtype, device.type)  # run.yaml holds what "auto" chose
     if d.fsdp:
@@ -165,7 +175,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, d: D
         check_supported(cfg)
     run_dir = d.on_main(lambda: prepare_run_dir(cfg, resume, overwrite), Path(cfg.output))
     d.on_main(lambda: warn_if_plan_does_not_fit(cfg, device, d))
-    configure_host_allocator(device, rss_bounded=cfg.max_memory > 0 or cfg.offload == "disk")
+    configure_host_allocator(device, rss_bounded=returns_freed_memory(cfg))
     torch.manual_seed(cfg.seed)
     _warm_up_libraries()
     meter = MemoryMeter(device)  # its baseline: the heap before the model exists

@@ -156,14 +156,17 @@ def test_bench_cli_runs_qtune_train_with_the_bench_workers_config(tmp_path, monk
     from qtune.cli import main
     from tools import bench_cli
 
-    args = SimpleNamespace(model_dir=tmp_path / "m", warmup=2, steps=3, compute_dtype="bfloat16", recompute="max")
-    seen = {}
-    monkeypatch.setattr(qtune.train, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg))
-    res = CliRunner().invoke(main, ["train", *bench_cli.cli_flags(args, tmp_path, tmp_path / "run")])
-    assert "cfg" in seen, res.output
-    want = harness.bench_config("qlora", 5, "bfloat16", tmp_path / "run", recompute="max")
     own = {"model", "data", "eval_data", "eval_every", "eval_batches", "save_every"}
-    got = {f.name: getattr(seen["cfg"], f.name) for f in dataclasses.fields(want) if f.name not in own}
-    assert got == {f.name: getattr(want, f.name) for f in dataclasses.fields(want) if f.name not in own}
+    for max_memory in (None, 2.5):  # --max-memory: the worker gets it as MAX_MEMORY_ENV, the CLI as the flag
+        args = SimpleNamespace(model_dir=tmp_path / "m", warmup=2, steps=3, compute_dtype="bfloat16", recompute="max",
+                               max_memory=max_memory)
+        seen = {}
+        monkeypatch.setattr(qtune.train, "train", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+        res = CliRunner().invoke(main, ["train", *bench_cli.cli_flags(args, tmp_path, tmp_path / "run")])
+        assert "cfg" in seen, res.output
+        want = harness.bench_config("qlora", 5, "bfloat16", tmp_path / "run", recompute="max",
+                                    **({"max_memory": max_memory} if max_memory else {}))
+        got = {f.name: getattr(seen["cfg"], f.name) for f in dataclasses.fields(want) if f.name not in own}
+        assert got == {f.name: getattr(want, f.name) for f in dataclasses.fields(want) if f.name not in own}
     assert seen["cfg"].data == str(tmp_path / "train") and seen["cfg"].eval_every == 0
     assert seen["cfg"].model is None and want.model is None  # both: the embedded GGUF, the same NF4 codes

@@ -4,6 +4,7 @@ as the benchmark says qtune is?
     python -m tools.bench_cli                           # all training plays, 2 + 20 steps, 2 pairs
     python -m tools.bench_cli --steps 4 --repeats 1     # a quick look
     python -m tools.bench_cli --recompute max           # both sides under that policy
+    python -m tools.bench_cli --recompute weights --max-memory 2.5   # both sides under an RSS budget (GiB)
 
 Both sides run the benchmark's setting (tools/harness.py: SmolLM2-135M-Instruct, seq 256 × batch 4,
 r 16 on all 7 linears, alpha 16, dropout 0, checkpointing, AdamW 2e-4 constant with no warm-up, clip 1.0,
@@ -54,6 +55,8 @@ def cli_flags(args, work: Path, run_dir: Path) -> list[str]:
              "--compute-dtype", args.compute_dtype, "--eval-every", "0", "--save-every", "0", "--eval-batches", "1"]
     if args.recompute:
         flags += ["--recompute", args.recompute]
+    if args.max_memory:
+        flags += ["--max-memory", str(args.max_memory)]
     return flags
 
 
@@ -102,7 +105,8 @@ def write_report(report: dict, out_dir: Path) -> None:
     lines = [f"# `qtune train` against bench_peft's qtune worker ({m['cpu']}, {m['threads']} threads)", "",
              f"CPU class: {h.cpu_class(m)}; "
              f"torch {m['torch']}, transformers {m['transformers']}; {a['compute_dtype']} compute; qtune --recompute "
-             f"{a['recompute'] or 'default'}. Data: {report['plays']} training plays ({report['train_rows']} rows of "
+             f"{a['recompute'] or 'default'}" + (f", --max-memory {a['max_memory']} GiB" if a.get("max_memory") else "")
+             + f". Data: {report['plays']} training plays ({report['train_rows']} rows of "
              f"{h.SEQ_LEN}), {a['warmup']} warm-up + {a['steps']} timed steps, {a['repeats']} alternating pair(s).", "",
              "| pair | bench worker tok/s | qtune train tok/s | cli / bench | same losses |", "|---|---|---|---|---|"]
     for i, p in enumerate(report["pairs"]):
@@ -123,6 +127,7 @@ def main() -> None:
     ap.add_argument("--plays", type=int, default=1000, help="training plays (default: all)")
     ap.add_argument("--compute-dtype", default="auto", choices=("auto", "bfloat16", "float32"))
     ap.add_argument("--recompute", default=None, choices=RECOMPUTE_CHOICES)
+    ap.add_argument("--max-memory", type=float, default=None, help="GiB: both sides run under this --max-memory")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="suffix of the result files (bench_cli_TAG.*), e.g. newest")
     args = ap.parse_args()
@@ -138,6 +143,8 @@ def main() -> None:
         args.compute_dtype = resolve_compute_dtype("auto", "cpu", warn=False)
     if args.recompute:
         os.environ[workers.RECOMPUTE_ENV] = args.recompute
+    if args.max_memory:
+        os.environ[workers.MAX_MEMORY_ENV] = str(args.max_memory)
     args.model_dir, args.threads, args.eval_rows = smollm2_hf_dir(), 0, 1
     work = Path(tempfile.mkdtemp(prefix="bench-cli-"))
     try:

@@ -263,11 +263,11 @@ class QtuneRun:
         from qtune.adapters.rosa_mask import choose_supports
         from qtune.memory import MemoryMeter, configure_host_allocator
         from qtune.model import build_model, decoder_layers
-        from qtune.train import lr_factor, make_optimizer
+        from qtune.train import lr_factor, make_optimizer, returns_freed_memory
 
-        configure_host_allocator(torch.device("cpu"), rss_bounded=False)  # as qtune.train does on CPU before loading
         self.run_dir = Path(tempfile.mkdtemp(prefix=f"qtune-{method}-", dir=work))
         self.cfg = cfg = bench_config(method, total_steps, compute_dtype, self.run_dir, **overrides)
+        configure_host_allocator(torch.device("cpu"), rss_bounded=returns_freed_memory(cfg))  # as qtune.train, before loading
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         self.model, _, _, _ = build_model(cfg, self.run_dir, progress=False)
