@@ -160,10 +160,10 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progr
 def returns_freed_memory(cfg: TrainConfig) -> bool:
     """Whether a CPU run gives freed blocks back to the OS at once (qtune.memory.release_freed_memory_promptly): with
     --offload disk, whose streamed weights otherwise stay resident as free arena space. Other runs, --max-memory
-    included, keep them for the next step: giving them back faulted ~0.9 GB of pages in again every float32 step
-    at the benchmark's setting (0.4-0.5 s of system time a step, ~15%) for a peak RSS within 0.1 GiB of keeping
-    them (docs/benchmarks.md), and auto's budget already leaves room for the allocator's retained memory
-    (qtune.plan). tools/harness.py asks the same function, so the benchmark runs what `qtune train` runs."""
+    included, keep them for the next step: giving them back made `qtune train --max-memory` run 0.879x the tokens/s
+    of the bench worker, which kept them (1.005x once the CLI kept them too), for 0.15-0.2 GiB less peak RSS
+    (float32, the bench setting, tools/bench_cli.py --max-memory), which auto's CPU margin covers (qtune.plan.auto_cpu_headroom). tools/harness.py asks this
+    function too, so the benchmark runs what `qtune train` runs."""
     return cfg.offload == "disk"
 
 
