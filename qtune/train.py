@@ -162,8 +162,9 @@ def returns_freed_memory(cfg: TrainConfig) -> bool:
     --offload disk, whose streamed weights otherwise stay resident as free arena space. Other runs, --max-memory
     included, keep them for the next step: giving them back made `qtune train --max-memory` run 0.879x the tokens/s
     of the bench worker, which kept them (1.005x once the CLI kept them too), for 0.15-0.2 GiB less peak RSS
-    (float32, the bench setting, tools/bench_cli.py --max-memory), which auto's CPU margin covers (qtune.plan.auto_cpu_headroom). tools/harness.py asks this
-    function too, so the benchmark runs what `qtune train` runs."""
+    (float32, the bench setting, tools/bench_cli.py --max-memory), which auto's CPU margin covers
+    (qtune.plan.auto_cpu_headroom). tools/harness.py asks this function too, so the benchmark runs what
+    `qtune train` runs."""
     return cfg.offload == "disk"
 
 

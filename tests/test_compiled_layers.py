@@ -413,14 +413,16 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
             torch.testing.assert_close(stacked, torch.cat([m.base_layer.qweight.dequantize(torch.float32) for m in group]),
                                        rtol=0, atol=0)
             assert sum(getattr(m.base_layer, DENSE).numel() for m in group) == stacked.numel()
-            assert {getattr(m.base_layer, DENSE).untyped_storage().data_ptr() for m in group} == {stacked.untyped_storage().data_ptr()}
+            storages = {getattr(m.base_layer, DENSE).untyped_storage().data_ptr() for m in group}
+            assert storages == {stacked.untyped_storage().data_ptr()}  # views of the stack: no second copy
     assert grouped_w == 2 * L, grouped_w
     assert not any(DENSE in k for k in model.state_dict())
     torch.testing.assert_close(loss_w, loss_m, **TOL[torch.float32])
     assert grads_w.keys() == grads_m.keys()
     for name in grads_m:
         torch.testing.assert_close(grads_w[name], grads_m[name], **TOL[torch.float32], msg=name)
-    assert drop_dense_weights(model) == 7 * L and not any(DENSE in m._buffers or DENSE_GROUP in m._buffers for m in quantized)
+    assert drop_dense_weights(model) == 7 * L
+    assert not any(DENSE in m._buffers or DENSE_GROUP in m._buffers for m in quantized)
     # --hold-layers 1: the first layer holds its copies, the second dequantizes as under max; both layers compiled
     # (the second's graph is a new signature, not a recompilation), with max's loss and gradients
     model, loss_h, grads_h, deq_h, report = run("weights", hold_layers=1)

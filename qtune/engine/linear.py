@@ -141,7 +141,7 @@ def drop_dense_weights(model: nn.Module) -> int:
     return n
 
 
-def _lora(layer, x, h, w=None, u=None):
+def _lora(layer, x, h, u=None):
     """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora); `u`: that product
     already formed by its group's GEMM (group)."""
     base, dtype = layer.base_layer, x.dtype
