@@ -354,10 +354,11 @@ def _config_for(model: str | None, trust_remote_code: bool, load_config):
 # what --recompute auto leaves free of --max-memory on the CPU, beyond the plan's tensors (and their 5% overhead) and the
 # RSS the process has when it chooses: what building the model adds besides its tensors (tokenizer, modeling code, the
 # loader) and what the steps add besides theirs (compiled graphs' state, glibc's retained free memory), plus a share of
-# the limit. Measured at the bench setting on SmolLM2 in float32 (tools/bench_peft.py --recompute auto --max-memory peer,
-# 2026-12-06 16:00): peak RSS less the plan and the RSS at the choice, 0.14-0.26 GiB across three budgets, where the
-# 0.5 GiB this constant was (set at 09:05, before the GGUF metadata and allocator fixes: 0.27 + 0.27 GiB) left 0.45-0.53 GiB
-# of each budget unused and auto held 8-25 of 30 layers' copies (docs/benchmarks.md, 2026-12-06 14:41)
+# the limit. Measured at the bench setting on SmolLM2 in float32 (tools/bench_peft.py --recompute auto --max-memory peer
+# runs, read by tools/auto_margin.py: tools/results/auto_margin_2026-12-06.md): peak RSS less the plan and the RSS at
+# the choice, 0.14-0.26 GiB across four budgets, where the 0.5 GiB this constant was (set at 09:05 from 0.27 + 0.27 GiB
+# measured then) left 0.44-0.53 GiB of each budget unused and auto held 8-25 of 30 layers' copies (docs/benchmarks.md,
+# 2026-12-06 14:41)
 AUTO_CPU_RSS_FIXED, AUTO_CPU_RSS_FRACTION = 2**28, 0.05
 
 

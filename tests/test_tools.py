@@ -170,3 +170,35 @@ def test_bench_cli_runs_qtune_train_with_the_bench_workers_config(tmp_path, monk
         assert got == {f.name: getattr(want, f.name) for f in dataclasses.fields(want) if f.name not in own}
     assert seen["cfg"].data == str(tmp_path / "train") and seen["cfg"].eval_every == 0
     assert seen["cfg"].model is None and want.model is None  # both: the embedded GGUF, the same NF4 codes
+
+
+def test_auto_margin_brackets_the_rss_auto_chose_with(tmp_path, monkeypatch, compiled):
+    """tools/auto_margin infers from a benchmark run's budget and the policy auto chose the RSS the process had at the
+    choice: run auto itself (qtune.plan.resolve_recompute; compiled layers, where `weights` holds copies) at a known RSS
+    and a budget short of every layer's copy; the inferred interval must hold that RSS, and what the run needed beyond
+    plan and RSS must bracket the truth."""
+    import dataclasses
+
+    import qtune.memory
+    import qtune.plan
+    from tools import auto_margin
+
+    cfg = harness.bench_config("qlora", 22, "float32", tmp_path / "run")
+    rss = int(0.6 * 2**30)
+    monkeypatch.setattr(qtune.memory, "current_rss_bytes", lambda: rss)
+    full = auto_margin.need(cfg, "weights", 0)[1]
+    budget_gib = (full + rss + qtune.plan.AUTO_CPU_RSS_FIXED) / (1 - qtune.plan.AUTO_CPU_RSS_FRACTION) / 2**30 - 0.05
+    level, held = qtune.plan.resolve_recompute(dataclasses.replace(cfg, recompute="auto", max_memory=budget_gib))
+    assert level == "weights" and 0 < held < qtune.plan.plan_memory(dataclasses.replace(cfg, recompute="weights")).layers
+    plan = auto_margin.need(cfg, level, held)[0]
+    extra = 2**28  # what the run "needed" beyond the plan and the RSS at the choice
+    run = {"max_memory_gib": budget_gib, "execution": {"recompute": {"level": level, "held_layers": held}},
+           "train_peak_rss_bytes": rss + plan + extra}
+    path = tmp_path / "bench_peft_auto.json"
+    path.write_text(json.dumps({"args": {"warmup": 2, "steps": 20, "compute_dtype": "float32"},
+                                "results": {"qlora": {"runs": {"qtune": [run]}}}}))
+    (row,) = auto_margin.analyse(path, qtune.plan.AUTO_CPU_RSS_FIXED)
+    low, high = row["r"]
+    assert row["held"] == held and low < rss <= high, (low, rss, high)
+    assert row["needed"][0] <= extra < row["needed"][1]
+    assert "weights" in auto_margin.table([row], qtune.plan.AUTO_CPU_RSS_FIXED)
