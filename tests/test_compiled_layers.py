@@ -473,6 +473,44 @@ def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(ti
             torch.testing.assert_close(grads[name], grads_w[name], **TOL[torch.float32], msg=name)
 
 
+@pytest.mark.parametrize("recompute", ["full", "default", "max", "weights", "none"])
+def test_step_flops_counts_the_base_gemms_each_policy_runs(tiny_llama, tmp_path, compiled, recompute):
+    """tools/harness.step_flops, given what the policy reruns (recomputed_linears of the run's execution line),
+    against the FLOPs of the base linears' GEMMs that a compiled QLoRA step records (the profiler's input
+    shapes, tools/profile_step's classifier): the same, save dL/dx of the first layer's q/k/v, which the frozen
+    embeddings do not need. Without the policy (recomputed=None: every linear rerun, the peer's step) the
+    formula counts more than full runs: down_proj's recomputation, which qtune skips."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from tools import harness, profile_step
+
+    model = _model(tiny_llama, tmp_path, compute_dtype="float32", recompute=recompute)
+    ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    _loss_and_grads(model, ids, mask)  # compiles
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        _loss_and_grads(model, ids, mask)
+    config = json.loads((tiny_llama / "config.json").read_text())
+    rank, vocab, hidden = 4, config["vocab_size"], config["hidden_size"]
+    measured = sum(profile_step.mm_flops(e.key, [list(s) for s in e.input_shapes])
+                   for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::addmm_")
+                   and profile_step.gemm_kind(e.key, [list(s) for s in e.input_shapes], rank, vocab) == "base linears"
+                   for _ in range(e.count))
+    rec = model.qtune_engine.execution_report(1)["recompute"]
+    assert model.qtune_engine.execution_report(1)["layers"]["eager"] == 0
+    flops = harness.step_flops(config, 2, 32, rank, recomputed=harness.recomputed_linears(rec),
+                               checkpointing=rec["checkpointing"])
+    kv = config["num_key_value_heads"] * hidden // config["num_attention_heads"]
+    first_qkv_dx = 2 * 2 * 32 * hidden * (hidden + 2 * kv)
+    assert measured == flops["step"]["linears"] - first_qkv_dx, (measured, flops["step"]["linears"])
+    down = 2 * 2 * 32 * hidden * config["intermediate_size"] * config["num_hidden_layers"]
+    everything = harness.step_flops(config, 2, 32, rank)["step"]["linears"]
+    if recompute == "full":
+        assert everything == flops["step"]["linears"] + down
+
+
 def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """QDoRA in a compiled block: the magnitude's gradient reads each product u = x·Wᵀ + s·hBᵀ, so with
     --recompute default q/k/v/o and down_proj keep their u; the recomputation then runs only gate and

@@ -53,7 +53,8 @@ How it measures:
     training runs.
   * Speed limit: this machine's GEMM rate in the compute dtype (median of 5 timed 2048×2048×2048
     matmuls, at the start and at the end of the benchmark) and the step's useful FLOPs
-    (harness.step_flops) give fraction of limit = FLOPs / (s/step × GEMM rate).
+    (harness.step_flops) give fraction of limit = FLOPs / (s/step × GEMM rate), each side with the FLOPs
+    it runs: the peer's checkpointing reruns every linear, qtune's policy fewer (its execution line).
 
 Writes tools/results/bench_peft.md (table), bench_peft.png (chart) and bench_peft.json (raw numbers);
 bench_peft_fp32.* under --compute-dtype float32.
@@ -138,6 +139,18 @@ def policies(report: dict) -> str:
     return ", ".join(seen) or "none"
 
 
+def qtune_flops(config: dict, runs: list) -> float | None:
+    """The FLOPs of the steps qtune's runs ran: harness.step_flops with what each run's policy reruns (its
+    execution line), the median over the runs; None where no run recorded its policy."""
+    totals = []
+    for r in runs:
+        rec = (r.get("execution") or {}).get("recompute")
+        if rec:
+            totals.append(h.step_flops(config, BATCH, SEQ_LEN, RANK, recomputed=h.recomputed_linears(rec),
+                                       checkpointing=rec.get("checkpointing", True))["total"])
+    return statistics.median(totals) if totals else None
+
+
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = report_stem(report["args"].get("compute_dtype", "bfloat16"), report["args"].get("tag"))
@@ -169,7 +182,10 @@ def write_report(report: dict, out_dir: Path) -> None:
         f"{short} GEMM rate ({GEMM_N}³, median of 5, start/end): {report['gemm']['start']['gflops']:.0f} / "
         f"{report['gemm']['end']['gflops']:.0f} GFLOP/s → {rate:.0f} GFLOP/s used. Step FLOPs "
         f"(forward + recomputation + input-gradient backward, formula in tools/harness.py step_flops): "
-        f"{flops / 1e9:.0f} GFLOP.",
+        f"{flops / 1e9:.0f} GFLOP with every linear recomputed (the peer)"
+        + "".join(f"; qtune {m} {v / 1e9:.0f} GFLOP (what its policy reruns)"
+                  for m, v in report.get("qtune_flops", {}).items() if v)
+        + ". % of GEMM limit: each side's own FLOPs over s/step × the rate.",
         "",
         "| method | side | s/step | tokens/s | peak RSS GiB: run (with scoring) | held-out loss before → after | "
         "% of GEMM limit | tokens/s ratio | RSS ratio: run (with scoring) | loss after ratio |",
@@ -189,7 +205,8 @@ def write_report(report: dict, out_dir: Path) -> None:
                 if not e.get("unavailable"):
                     lines.append(f"| {m} | {side} | failed (see {stem}.json) | | | | | | | |")
                 continue
-            frac = flops / (s["s_per_step"] * rate * 1e9)
+            own = report.get("qtune_flops", {}).get(m) if side == "qtune" else None
+            frac = (own or flops) / (s["s_per_step"] * rate * 1e9)
             r = e.get("ratios") if side == "qtune" else None
             rat = (f"{r['tokens_per_s']:.2f}× | {r['peak_rss']:.2f}× ({r['process_peak_rss']:.2f}×) | "
                    f"{r['heldout_after']:.4f}" if r else " | | ")
@@ -354,6 +371,7 @@ def parent_main(args) -> None:
             "gemm": {"start": gemm_start, "end": gemm_end,  # the rate used: median over all 10 timed products
                      "gflops": 2 * GEMM_N ** 3 / statistics.median(gemm_start["times_s"] + gemm_end["times_s"]) / 1e9},
             "flops": h.step_flops(config, BATCH, SEQ_LEN, RANK),
+            "qtune_flops": {m: qtune_flops(config, results[m]["runs"]["qtune"]) for m in results},
             "peer_pissa_prep": prep, "results": results}
         write_report(report, Path(args.out_dir))
     finally:

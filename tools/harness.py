@@ -114,7 +114,8 @@ def gemm_rate(n: int = GEMM_N, runs: int = 5, dtype: str = "bfloat16") -> dict:
             "threads": torch.get_num_threads()}
 
 
-def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -> dict:
+def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS, recomputed=None,
+               checkpointing: bool = True) -> dict:
     """Useful FLOPs of one training step with frozen base weights and gradient checkpointing.
 
     T = batch·seq positions (padding included: the GEMMs run over it), L layers, h hidden, V vocab.
@@ -129,8 +130,15 @@ def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -
       attention 4·F_att  (forward, recomputation, backward = 2 forwards: dQ, dK, dV and dP)
       adapters 4·F_ad    (forward, recomputation, backward = 2 forwards: input grad + A, B grads)
       head     2·F_head  (forward, input-gradient backward; the tied embedding is frozen)
+    That is the peer's step (its checkpointing reruns every linear). qtune's recomputation reruns fewer
+    (qtune.engine.recompute): `recomputed` names the linears whose base GEMM it reruns (None: all, the
+    formula above), and the recomputation then costs Σ F_lin over those and, of the adapters, every x·Aᵀ
+    but only their h·Bᵀ (recomputed_linears gives the names from a run's execution line);
+    `checkpointing=False` (--recompute none) reruns nothing: linears 2·F_lin, attention 3·F_att,
+    adapters 3·F_ad.
     Not counted: norms, RoPE, SiLU, softmax, the optimizer (all O(T·h) or O(params)), DoRA's norm terms
-    (A·Wᵀ: ~r/T of the linear forward) and qtune's recomputation of the head chunks in backward."""
+    (A·Wᵀ: ~r/T of the linear forward), qtune's causal halves (its attention does 3/4 of F_att) and the
+    head chunks' recomputation in backward."""
     h, i_sz, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
     hd = config.get("head_dim") or h // heads
@@ -144,9 +152,28 @@ def step_flops(config: dict, batch: int, seq: int, rank: int, targets=TARGETS) -
     f_att = 4 * L * seq * seq * q * batch
     f_ad = 2 * T * rank * L * sum(a + b for name, (a, b) in shapes.items() if name in targets)
     f_head = 2 * h * config["vocab_size"] * T
-    parts = {"linears": 3 * f_lin, "attention": 4 * f_att, "adapters": 4 * f_ad, "head": 2 * f_head}
+    if not checkpointing:
+        recomputed = ()
+    rerun = [name for name in shapes if recomputed is None or name in recomputed]
+    f_lin_rerun = 2 * T * L * sum(a * b for name, (a, b) in shapes.items() if name in rerun)
+    f_ad_rerun = 2 * T * rank * L * sum((a if checkpointing else 0) + (b if name in rerun else 0)
+                                        for name, (a, b) in shapes.items() if name in targets)
+    parts = {"linears": 2 * f_lin + f_lin_rerun, "attention": (3 + checkpointing) * f_att,
+             "adapters": 3 * f_ad + f_ad_rerun, "head": 2 * f_head}
     return {"positions": T, "decoder_linear_params": n_lin, "forward": {"linears": f_lin, "attention": f_att,
             "adapters": f_ad, "head": f_head}, "step": parts, "total": sum(parts.values())}
+
+
+def recomputed_linears(recompute: dict) -> tuple[str, ...]:
+    """The decoder linears whose base GEMM a qtune run's recomputation reruns, from its execution line's
+    recompute entry (qtune.engine.recompute.RecomputePolicy's flags): q/k/v/o unless the attention's
+    products are kept, gate/up unless the MLP's are, down_proj never (LoRA and RoSA skip it; DoRA keeps
+    its product u under every level but full, where this undercounts it); none where nothing is
+    checkpointed."""
+    if not recompute.get("checkpointing", True):
+        return ()
+    names = [] if recompute.get("keep_attention") else ["q_proj", "k_proj", "v_proj", "o_proj"]
+    return tuple(names + ([] if recompute.get("keep_mlp") else ["gate_proj", "up_proj"]))
 
 
 # --- data: tokenized once by the parent, the same rows for every worker ------------------------

@@ -168,7 +168,9 @@ def main() -> None:
     wall = sum(walls) / n
     rate = h.gemm_rate(dtype=args.compute_dtype)
     cfg = json.loads((model_dir / "config.json").read_text())
-    flops = h.step_flops(cfg, h.BATCH, h.SEQ_LEN, h.RANK)
+    rec = execution.get("recompute") or {}
+    flops = h.step_flops(cfg, h.BATCH, h.SEQ_LEN, h.RANK, recomputed=h.recomputed_linears(rec) if rec else None,
+                         checkpointing=rec.get("checkpointing", True))  # what this policy's step runs
     layers = execution["layers"]
     lines = [f"# Profile of one qtune {args.method} step ({h.cpu_name()}, {torch.get_num_threads()} threads)", "",
              f"Setting of tools/bench_peft.py (tools/harness.py), --recompute {args.recompute}; {args.warmup} warm-up + "
