@@ -4,6 +4,9 @@
     python -m tools.profile_step --method qdora --out tools/results/profile_qdora.md
     python -m tools.profile_step --kernels --top 45   # each compiled kernel (norms, softmax, ...) as its own row
     python -m tools.profile_step --time-only --steps 10   # no profiler: median step, the memory meter's cost
+    python -m tools.profile_step --perf --steps 8 --compute-dtype float32 --recompute weights
+                                                      # Linux perf sampling instead: where the step's threads spend
+                                                      # their time, at the step's own speed
 
 Same setting as tools/bench_peft.py (SmolLM2-135M, Shakespeare rows, seq 256 × batch 4, r 16 on all
 linears, checkpointing, bf16 (or --compute-dtype float32), AdamW). The step is the benchmark's qtune step
@@ -19,6 +22,15 @@ then split by their input shapes (`gemm_kind`): the frozen base's products (forw
 input gradient), the rank-r adapter products, the head's chunks and the attention's batched products,
 each with its FLOPs, its time and the rate it ran at, beside the time the 2048³ rate would take:
 what is left between the step's GEMMs and the limit, product by product.
+
+torch.profiler slows the step itself (float32, --recompute weights: 3.5-4.1 s a step under it against
+2.2-2.5 s without), most of all around the compiled kernels, so its per-op times misplace the time that
+is not in GEMMs. --perf samples the process with Linux perf instead (perf record -F 499 on this process,
+user-space only, started after the warm-up): the step runs at its own speed, and each sample is
+attributed to the native function it hit, grouped by perf_group (GEMM kernels and their packing,
+inductor's compiled kernels, vector math, the OpenMP runtime, Python, the rest of torch, libc, the
+kernel). Thread-seconds per step = samples / frequency / steps; what the threads did not spend running
+(waiting, sleeping) is threads × wall − the sampled total.
 """
 
 from __future__ import annotations
@@ -111,6 +123,8 @@ def main() -> None:
     ap.add_argument("--time-only", action="store_true",
                     help="no profiler: print the median wall time of --steps steps (before/after figures) "
                          "and what the memory meter costs")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample the steps with Linux perf (no torch.profiler): thread-seconds per step by group")
     ap.add_argument("--kernels", action="store_true",
                     help="list inductor's generated C++ kernels as ops of their own (their time leaves the "
                          "'Call CompiledFxGraph' rows, whose self time is then the compiled wrapper's)")
@@ -145,6 +159,9 @@ def main() -> None:
             samples.append(run.meter.samples)
         if args.time_only:
             time_only(args, run, data, samples)
+            return
+        if args.perf:
+            perf_profile(args, run, data, work, model_dir)
             return
         walls = []
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -193,6 +210,108 @@ def main() -> None:
     for self_s, key, count in rows[:args.top]:
         lines.append(f"| `{key}` | {count / n:.0f} | {self_s / n:.4f} | {group_of(key)} |")
     lines += gemm_table(prof, n, cfg["vocab_size"], rate["gflops"], args.shapes)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+PERF_GROUPS = (  # (group, test on (dso, symbol)), the first that matches
+    ("GEMM kernels and their packing (MKL, oneDNN)",
+     lambda dso, sym: any(k in sym for k in ("mkl_blas", "sgemm", "dgemm", "gemm_", "brgemm", "dnnl", "omp_parallel_acopy"))),
+    ("inductor's compiled kernels", lambda dso, sym: dso.endswith(".so") and ("main.so" in dso or "torchinductor" in dso)),
+    ("vector math called by kernels (Sleef exp, tanh, ...)", lambda dso, sym: sym.startswith("Sleef_")),
+    ("OpenMP runtime (barriers, spin-waits)", lambda dso, sym: "libgomp" in dso or "libiomp" in dso or "libomp" in dso),
+    ("Python interpreter", lambda dso, sym: "libpython" in dso or dso.startswith("python")),
+    ("ATen kernels, dispatch and autograd (C++)",
+     lambda dso, sym: any(k in dso for k in ("libtorch", "libc10", "libbitsandbytes"))),
+    ("libc (malloc, memcpy, ...)", lambda dso, sym: dso.startswith("libc.so") or dso.startswith("libm.so")),
+    ("OS kernel (page faults, syscalls)", lambda dso, sym: "kernel" in dso),
+)
+
+
+def perf_group(dso: str, sym: str) -> str:
+    """The PERF_GROUPS group of a sample's shared object and symbol ('other' if none matches)."""
+    for group, test in PERF_GROUPS:
+        if test(dso, sym):
+            return group
+    return "other"
+
+
+def parse_perf_report(text: str) -> list[tuple[float, str, str]]:
+    """(percent, dso, symbol) rows of `perf report --stdio --no-children --sort dso,sym -g none`."""
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].endswith("%") and parts[2].startswith("[") and parts[2].endswith("]"):
+            try:
+                rows.append((float(parts[0][:-1]), parts[1], " ".join(parts[3:])))
+            except ValueError:
+                continue
+    return rows
+
+
+def perf_profile(args, run, data: dict, work: Path, model_dir: Path, freq: int = 499) -> None:
+    """--perf: the timed steps under `perf record -F freq -p <this process>` (started after the warm-up),
+    then the samples by perf_group in thread-seconds per step, beside the wall time per step."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+
+    import torch
+
+    if shutil.which("perf") is None:
+        raise SystemExit("--perf needs Linux perf on PATH (Debian: apt install linux-perf)")
+    out = work / "perf.data"
+    rec = subprocess.Popen(["perf", "record", "-F", str(freq), "-p", str(os.getpid()), "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # perf attaches
+    if rec.poll() is not None:
+        raise SystemExit(f"perf record could not attach ({rec.stderr.read().strip()[:300]}); "
+                         "/proc/sys/kernel/perf_event_paranoid must be 2 or lower")
+    walls = []
+    for s in range(args.warmup, args.warmup + args.steps):
+        t0 = time.perf_counter()
+        run.step(h.batch_of(data, s))
+        walls.append(time.perf_counter() - t0)
+    rec.send_signal(signal.SIGINT)
+    rec.wait(timeout=120)
+    execution = run.execution()
+    run.close()
+    stats = subprocess.run(["perf", "report", "-i", str(out), "--stats"], capture_output=True, text=True).stdout
+    report = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--no-children", "--sort", "dso,sym",
+                             "-g", "none", "--percent-limit", "0"], capture_output=True, text=True).stdout
+    rows = parse_perf_report(report)
+    samples = next((int(line.split(":")[1].split()[0]) for line in stats.splitlines() if "SAMPLE events:" in line), None)
+    n, threads = args.steps, torch.get_num_threads()
+    wall = sum(walls) / n  # the sampled span also covers perf's attach second and the steps' gaps: shares only
+    sampled = samples / freq / n if samples else None
+    groups: dict[str, float] = defaultdict(float)
+    for pct, dso, sym in rows:
+        groups[perf_group(dso, sym)] += pct
+    rate = h.gemm_rate(dtype=args.compute_dtype)["gflops"]
+    rec = execution["recompute"]
+    flops = h.step_flops(json.loads((model_dir / "config.json").read_text()), h.BATCH, h.SEQ_LEN, h.RANK,
+                         recomputed=h.recomputed_linears(rec), checkpointing=rec["checkpointing"])["total"]
+    gemm_s = groups[PERF_GROUPS[0][0]] / 100 * (sampled or threads * wall) / threads
+    gemm_line = (f"GEMM FLOPs of this policy's step (harness.step_flops): {flops / 1e9:.0f} GFLOP; over the GEMM "
+                 f"group's thread-s / {threads} threads ({gemm_s:.3f} s): {flops / 1e9 / gemm_s:.0f} GFLOP/s in the "
+                 f"step, against {rate:.0f} GFLOP/s for one 2048³ product now ({flops / 1e9 / rate:.3f} s).")
+    lines = [f"# Linux perf profile of qtune {args.method} steps ({h.cpu_name()}, {threads} threads)", "",
+             f"Setting of tools/bench_peft.py, --compute-dtype {args.compute_dtype}, --recompute {args.recompute} "
+             f"(ran: {execution['recompute']['level']}); {args.warmup} warm-up + {n} sampled steps at {freq} Hz; "
+             f"decoder layers {execution['layers']['compiled']} compiled, {execution['layers']['eager']} eager.",
+             f"Wall time per step: {wall:.3f} s (median {sorted(walls)[n // 2]:.3f}) -> {threads} threads x wall = "
+             f"{threads * wall:.3f} thread-s per step" + (f"; sampled running: {sampled:.3f} thread-s per step "
+                                                          f"(while perf ran, a little more than the steps)" if sampled else "")
+             + ".", gemm_line, "",
+             "| where the threads ran | share of samples | thread-s per step (share x threads x wall) |", "|---|---|---|"]
+    for g, pct in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {g} | {pct:.1f}% | {pct / 100 * (sampled or threads * wall):.3f} |")
+    lines += ["", "Top symbols:", "", "| share | object | symbol |", "|---|---|---|"]
+    for pct, dso, sym in rows[:args.top]:
+        lines.append(f"| {pct:.2f}% | {dso} | `{sym[:90]}` |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
