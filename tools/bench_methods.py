@@ -58,44 +58,11 @@ GENERIC_GOAL = 1.5  # the generic path's step / the fused block's, from the Any-
 
 
 def lockstep_pair(args, work: Path, methods: tuple[str, str], tag: str, trees: dict | None = None) -> dict[str, dict]:
-    """Run two qtune workers side by side, stepping them alternately (see the module docstring);
+    """Two qtune workers side by side, stepped alternately (harness.lockstep; see the module docstring);
     {label: its worker's result}. A label is a method, or "METHOD@base" for that method run from
-    the --against-tree checkout (`trees`: label -> (method, tree)). Loading and the held-out scoring
-    overlap; the steps never do."""
+    the --against-tree checkout (`trees`: label -> (method, tree, env))."""
     trees = trees or {}
-    procs = {}
-    try:
-        for m in methods:
-            method, tree, env = trees.get(m, (m, None, None))
-            procs[m] = h.start_gated_worker(args, work, "qtune", method, f"{m}-{tag}".replace("@", "-"), tree, env)
-        t0 = time.perf_counter()
-
-        def expect(m: str, byte: bytes) -> None:
-            got = procs[m][1].read(1)
-            if got != byte:
-                proc = procs[m][0]
-                raise RuntimeError(f"lockstep: worker {m} stopped (exit {proc.wait()}; log {procs[m][3]})")
-
-        for m in methods:
-            expect(m, b"r")  # loaded, before its first step
-        for k in range(args.warmup + args.steps):
-            for m in (methods if k % 2 == 0 else methods[::-1]):  # ABBA: neither side always goes first
-                procs[m][0].stdin.write(b"go\n")
-                procs[m][0].stdin.flush()
-                expect(m, b"d")
-        out = {}
-        for m in methods:
-            proc, ack, result, log = procs[m]
-            proc.stdin.close()
-            rc = proc.wait()
-            out[m] = h.read_worker_result(result, log, rc, "qtune", trees.get(m, (m,))[0], f"{m}-{tag}", t0)
-        return out
-    finally:
-        for proc, ack, _, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            ack.close()
+    return h.lockstep(args, work, {m: ("qtune", *trees.get(m, (m, None, None))) for m in methods}, tag)
 
 
 def check_tree(tree: Path) -> None:

@@ -380,6 +380,47 @@ def start_gated_worker(args, work: Path, side: str, method: str, tag: str, tree:
     return proc, os.fdopen(ack_r, "rb", buffering=0), result, log
 
 
+def lockstep(args, work: Path, sides: dict, tag: str) -> dict[str, dict]:
+    """Workers side by side under the lockstep gate, stepped alternately: step k of each in turn, the
+    order reversed every step (ABBA: no side always goes first), each waiting untimed while the others
+    run, so each step pair sees the same machine. `sides`: label -> (side, method, tree, env) as
+    start_gated_worker takes them ("qtune" or "peer"; tree None: this checkout). Loading and the
+    held-out scoring overlap; the steps never do. {label: its worker's result (read_worker_result)}."""
+    procs = {}
+    try:
+        for label, (side, method, tree, env) in sides.items():
+            procs[label] = start_gated_worker(args, work, side, method, f"{label}-{tag}".replace("@", "-"), tree, env)
+        t0 = time.perf_counter()
+
+        def expect(label: str, byte: bytes) -> None:
+            got = procs[label][1].read(1)
+            if got != byte:
+                proc = procs[label][0]
+                raise RuntimeError(f"lockstep: worker {label} stopped (exit {proc.wait()}; log {procs[label][3]})")
+
+        labels = list(sides)
+        for label in labels:
+            expect(label, b"r")  # loaded, before its first step
+        for k in range(args.warmup + args.steps):
+            for label in (labels if k % 2 == 0 else labels[::-1]):
+                procs[label][0].stdin.write(b"go\n")
+                procs[label][0].stdin.flush()
+                expect(label, b"d")
+        out = {}
+        for label, (side, method, _, _) in sides.items():
+            proc, ack, result, log = procs[label]
+            proc.stdin.close()
+            rc = proc.wait()
+            out[label] = read_worker_result(result, log, rc, side, method, f"{label}-{tag}", t0)
+        return out
+    finally:
+        for proc, ack, _, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            ack.close()
+
+
 def run_worker(args, work: Path, side: str, method: str, tag: str) -> dict:
     """Run one worker of this checkout to its end; its result (read_worker_result)."""
     cmd, result, log = worker_command(args, work, side, method, tag)
