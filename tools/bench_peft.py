@@ -108,20 +108,6 @@ def summarize_run(r: dict) -> dict:
 
 
 
-def step_pairs(q_runs: list[dict], p_runs: list[dict]) -> dict | None:
-    """--lockstep: the tokens/s ratio of each timed step pair (the peer's step k over qtune's step k: both ran the
-    same rows, back to back), over all pairs of all rounds: median, bootstrap 95% interval, middle half."""
-    from tools.bench_methods import median_interval
-
-    xs = [pt / qt for q, p in zip(q_runs, p_runs) if "step_times_s" in q and "step_times_s" in p
-          for qt, pt in zip(q["step_times_s"], p["step_times_s"])]
-    if not xs:
-        return None
-    qs = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "interval": list(median_interval(xs)), "quartiles": [qs[0], qs[2]],
-            "pairs": len(xs), "ratios": xs}
-
-
 def aggregate(runs: list[dict]) -> dict | None:
     ok = [summarize_run(r) for r in runs if "step_times_s" in r]
     if not ok:
@@ -231,20 +217,7 @@ def write_report(report: dict, out_dir: Path) -> None:
               "of the run: the worker's VmHWM at the end of training (loading included); in parentheses the "
               "process's peak after the benchmark's held-out scoring too (transformers' full-vocabulary logits, "
               "one row at a time, the same function for both sides)."]
-    for m in report["methods"]:
-        sp = report["results"][m].get("step_pairs")
-        if sp:
-            lines += ["", f"Lockstep ({m}): each pair's peer and qtune workers ran side by side, stepped alternately (ABBA); "
-                      f"tokens/s ratio over the {sp['pairs']} timed step pairs: median {sp['median']:.2f}× (bootstrap 95% "
-                      f"{sp['interval'][0]:.2f}–{sp['interval'][1]:.2f}; middle half {sp['quartiles'][0]:.2f}–"
-                      f"{sp['quartiles'][1]:.2f}); the table's ratio is the median of the runs' pair ratios."
-                      + "".join(f" The first pair's budget came from a peer run alone: {summarize_run(b)['s_per_step']:.3f} "
-                                f"s/step, peak RSS {summarize_run(b)['peak_rss_gib']:.2f} GiB."
-                                for b in report["results"][m].get("budget_runs", [])[:1] if "step_times_s" in b)]
     q = report["results"].get("qlora", {}).get("ratios")
-    sp = report["results"].get("qlora", {}).get("step_pairs")
-    if q and sp:  # lockstep: the step pairs' median is the firmer figure
-        q = {**q, "tokens_per_s": sp["median"]}
     budgeted = (report["machine"].get("max_memory") and report["machine"].get("recompute") == "auto")
     if q and budgeted:  # --recompute auto within a memory budget: the speed issue's second goal
         runs = report["results"]["qlora"]["runs"]["qtune"]
@@ -359,37 +332,23 @@ def parent_main(args) -> None:
         for m in methods:
             runs = {"qtune": [], "peer": []}
             unavailable = None
-            budget_runs = []  # --lockstep --max-memory peer: the peer run alone that gave the first pair its budget
-            lockstep = args.lockstep and m not in PEERLESS
             for rep in range(args.repeats):
                 if args.max_memory == "peer" and m not in PEERLESS:
-                    # the peer's measured peak RSS is the next qtune run's --max-memory: alternating, the peer runs first
-                    # in each pair; in lockstep, the pair before's peer (the first pair: a peer run of its own)
-                    if not (lockstep and runs["peer"]):
-                        (budget_runs if lockstep else runs["peer"]).append(
-                            h.run_worker(args, work, "peer", m, f"{m}-peer-{'budget' if lockstep else rep}"))
-                    last = (runs["peer"] or budget_runs)[-1] if lockstep else runs["peer"][-1]
-                    if "train_peak_rss_bytes" not in last:
+                    # the peer runs first in each pair: its measured peak RSS is the next qtune run's --max-memory
+                    runs["peer"].append(h.run_worker(args, work, "peer", m, f"{m}-peer-{rep}"))
+                    if "train_peak_rss_bytes" not in runs["peer"][-1]:
                         raise SystemExit(f"--max-memory peer: the peer's run {rep} failed, so there is no budget to give "
-                                         f"qtune's ({last.get('error', '')[:300]})")
-                    os.environ[workers.MAX_MEMORY_ENV] = f"{last['train_peak_rss_bytes'] / 2**30:.4f}"
-                if lockstep:
-                    pair = h.lockstep(args, work, {"peer": ("peer", m, None, None), "qtune": ("qtune", m, None, None)},
-                                      f"{m}-{rep}")
-                    r = pair["qtune"]
-                else:
-                    r = h.run_worker(args, work, "qtune", m, f"{m}-qtune-{rep}")
+                                         f"qtune's ({runs['peer'][-1].get('error', '')[:300]})")
+                    os.environ[workers.MAX_MEMORY_ENV] = f"{runs['peer'][-1]['train_peak_rss_bytes'] / 2**30:.4f}"
+                r = h.run_worker(args, work, "qtune", m, f"{m}-qtune-{rep}")
                 if "unavailable" in r:
                     unavailable = r["unavailable"]
                     break
                 r["max_memory_gib"] = float(os.environ[workers.MAX_MEMORY_ENV]) if os.environ.get(workers.MAX_MEMORY_ENV) else None
                 runs["qtune"].append(r)
-                if lockstep:
-                    runs["peer"].append(pair["peer"])
-                elif m not in PEERLESS and args.max_memory != "peer":
+                if m not in PEERLESS and args.max_memory != "peer":
                     runs["peer"].append(h.run_worker(args, work, "peer", m, f"{m}-peer-{rep}"))
-            results[m] = {"unavailable": unavailable, "runs": runs, "budget_runs": budget_runs,
-                          "step_pairs": step_pairs(runs["qtune"], runs["peer"]) if lockstep else None,
+            results[m] = {"unavailable": unavailable, "runs": runs,
                           "qtune": aggregate(runs["qtune"]), "peer": aggregate(runs["peer"]),
                           "ratios": pair_ratios(runs["qtune"], runs["peer"])}
         for m, ref in PEERLESS.items():  # qrosa: ratios against qtune's own qlora
@@ -440,11 +399,6 @@ def main():
     ap.add_argument("--max-memory", default=None, metavar="GIB|peer",
                     help="qtune's --max-memory in its workers (the budget of --recompute auto): GiB, or `peer`: each pair "
                          "runs the peer first and gives the qtune run the peer's measured peak RSS")
-    ap.add_argument("--lockstep", action="store_true",
-                    help="run each pair's peer and qtune workers side by side, stepping them alternately (harness.lockstep: "
-                         "each step pair sees the same machine); the ratio is then the median over all step pairs, "
-                         "with its bootstrap 95%% interval (with --max-memory peer, the first pair's budget comes from a "
-                         "peer run of its own, each later one's from the pair before)")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="suffix of the result files (bench_peft_TAG.*), e.g. newest or auto")

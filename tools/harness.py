@@ -385,7 +385,11 @@ def lockstep(args, work: Path, sides: dict, tag: str) -> dict[str, dict]:
     order reversed every step (ABBA: no side always goes first), each waiting untimed while the others
     run, so each step pair sees the same machine. `sides`: label -> (side, method, tree, env) as
     start_gated_worker takes them ("qtune" or "peer"; tree None: this checkout). Loading and the
-    held-out scoring overlap; the steps never do. {label: its worker's result (read_worker_result)}."""
+    held-out scoring overlap; the steps never do. {label: its worker's result (read_worker_result)}.
+    For two qtune workers (tools/bench_methods.py) only: tried for qtune against the peer (bench_peft, float32,
+    2026-12-06), the peer's steps ran 5.00-5.97 s in lockstep against 4.30 and 4.46 s in runs alone just
+    before, and a peer against itself slowed the same way while qtune against itself did not, so a
+    lockstep ratio against the peer would favour qtune (docs/benchmarks.md)."""
     procs = {}
     try:
         for label, (side, method, tree, env) in sides.items():
@@ -406,6 +410,9 @@ def lockstep(args, work: Path, sides: dict, tag: str) -> dict[str, dict]:
                 procs[label][0].stdin.write(b"go\n")
                 procs[label][0].stdin.flush()
                 expect(label, b"d")
+        for label in labels:  # release them together (workers.train_loop waits for it; older checkouts' ignore it)
+            procs[label][0].stdin.write(b"go\n")
+            procs[label][0].stdin.flush()
         out = {}
         for label, (side, method, _, _) in sides.items():
             proc, ack, result, log = procs[label]

@@ -78,6 +78,8 @@ def train_loop(step_fn, data: dict, warmup: int, steps: int, gate: LockstepGate 
             tokens.append(n_input)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {s + 1}")
+    if gate is not None:
+        gate.wait()  # the parent's release once every worker has stepped: no one's scoring runs beside another's last step
     return {"step_times_s": times, "step_tokens": tokens, "train_losses": losses}
 
 
