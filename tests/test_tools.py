@@ -40,30 +40,6 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
     assert profile_step.gemm_kind("aten::bmm", [[9, 256, 64], [9, 64, 256]], 16, 49152) == "attention (batched)"
 
 
-def test_profile_step_perf_groups_perf_report_rows():
-    """--perf: the rows of `perf report --stdio --sort dso,sym` (percent, object, [.] symbol), and the group
-    each sample's object and symbol falls in, the first group that matches."""
-    text = """# Samples: 15K of event 'cycles:P'
-#
-    38.35%  libtorch_cpu.so                                             [.] mkl_blas_avx512_sgemm_kernel_0
-     2.76%  libgomp.so.1                                                [.] 0x000000000001de62
-     1.67%  libtorch_cpu.so                                             [.] Sleef_finz_expf16_u10avx512f
-     1.53%  libtorch_cpu.so                                             [.] c10::function_ref<void (char**, long const*)>::callback_fn
-     1.42%  c5c6vrnzxtjnjgeozfymavupwzmdwqp.main.so                     [.] kernel._omp_fn.0
-     1.04%  libpython3.11.so.1.0                                        [.] gc_collect_main
-     0.28%  libc.so.6                                                   [.] _int_malloc
-     0.25%  [kernel.kallsyms]                                           [k] exc_page_fault
-     0.26%  libtorch_cpu.so                                             [.] omp_parallel_acopy
-                --0.65%--0
-"""
-    rows = profile_step.parse_perf_report(text)
-    assert [r[0] for r in rows] == [38.35, 2.76, 1.67, 1.53, 1.42, 1.04, 0.28, 0.25, 0.26]
-    assert rows[3][2] == "c10::function_ref<void (char**, long const*)>::callback_fn"
-    assert [profile_step.perf_group(dso, sym).split(" ")[0] for _, dso, sym in rows] == [
-        "GEMM", "OpenMP", "vector", "ATen", "inductor's", "Python", "libc", "OS", "GEMM"]
-    assert profile_step.perf_group("libfoo.so", "bar") == "other"
-
-
 def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_path):
     xs = [1.0 + 0.01 * k for k in range(101)]  # median 1.5
     lo, hi = bench_methods.median_interval(xs)

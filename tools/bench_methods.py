@@ -47,7 +47,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from qtune.engine.recompute import CHOICES as RECOMPUTE_CHOICES
