@@ -146,8 +146,7 @@ def qtune_flops(config: dict, runs: list) -> float | None:
     for r in runs:
         rec = (r.get("execution") or {}).get("recompute")
         if rec:
-            totals.append(h.step_flops(config, BATCH, SEQ_LEN, RANK, recomputed=h.recomputed_linears(rec),
-                                       checkpointing=rec.get("checkpointing", True))["total"])
+            totals.append(h.policy_step_flops(config, rec)["total"])
     return statistics.median(totals) if totals else None
 
 

@@ -176,6 +176,15 @@ def recomputed_linears(recompute: dict) -> tuple[str, ...]:
     return tuple(names + ([] if recompute.get("keep_mlp") else ["gate_proj", "up_proj"]))
 
 
+def policy_step_flops(config: dict, recompute: dict | None) -> dict:
+    """step_flops at the benchmark's setting for a run whose execution line's recompute entry is `recompute`
+    (None or empty: every linear rerun, the peer's step)."""
+    if not recompute:
+        return step_flops(config, BATCH, SEQ_LEN, RANK)
+    return step_flops(config, BATCH, SEQ_LEN, RANK, recomputed=recomputed_linears(recompute),
+                      checkpointing=recompute.get("checkpointing", True))
+
+
 # --- data: tokenized once by the parent, the same rows for every worker ------------------------
 
 def link_folder(folder: Path, files) -> Path:

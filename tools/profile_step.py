@@ -185,9 +185,7 @@ def main() -> None:
     wall = sum(walls) / n
     rate = h.gemm_rate(dtype=args.compute_dtype)
     cfg = json.loads((model_dir / "config.json").read_text())
-    rec = execution.get("recompute") or {}
-    flops = h.step_flops(cfg, h.BATCH, h.SEQ_LEN, h.RANK, recomputed=h.recomputed_linears(rec) if rec else None,
-                         checkpointing=rec.get("checkpointing", True))  # what this policy's step runs
+    flops = h.policy_step_flops(cfg, execution.get("recompute"))  # what this policy's step runs
     layers = execution["layers"]
     lines = [f"# Profile of one qtune {args.method} step ({h.cpu_name()}, {torch.get_num_threads()} threads)", "",
              f"Setting of tools/bench_peft.py (tools/harness.py), --recompute {args.recompute}; {args.warmup} warm-up + "
@@ -264,19 +262,19 @@ def perf_profile(args, run, data: dict, work: Path, model_dir: Path, freq: int =
     if shutil.which("perf") is None:
         raise SystemExit("--perf needs Linux perf on PATH (Debian: apt install linux-perf)")
     out = work / "perf.data"
-    rec = subprocess.Popen(["perf", "record", "-F", str(freq), "-p", str(os.getpid()), "-o", str(out)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    recorder = subprocess.Popen(["perf", "record", "-F", str(freq), "-p", str(os.getpid()), "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)  # perf attaches
-    if rec.poll() is not None:
-        raise SystemExit(f"perf record could not attach ({rec.stderr.read().strip()[:300]}); "
+    if recorder.poll() is not None:
+        raise SystemExit(f"perf record could not attach ({recorder.stderr.read().strip()[:300]}); "
                          "/proc/sys/kernel/perf_event_paranoid must be 2 or lower")
     walls = []
     for s in range(args.warmup, args.warmup + args.steps):
         t0 = time.perf_counter()
         run.step(h.batch_of(data, s))
         walls.append(time.perf_counter() - t0)
-    rec.send_signal(signal.SIGINT)
-    rec.wait(timeout=120)
+    recorder.send_signal(signal.SIGINT)
+    recorder.wait(timeout=120)
     execution = run.execution()
     run.close()
     stats = subprocess.run(["perf", "report", "-i", str(out), "--stats"], capture_output=True, text=True).stdout
@@ -291,9 +289,7 @@ def perf_profile(args, run, data: dict, work: Path, model_dir: Path, freq: int =
     for pct, dso, sym in rows:
         groups[perf_group(dso, sym)] += pct
     rate = h.gemm_rate(dtype=args.compute_dtype)["gflops"]
-    rec = execution["recompute"]
-    flops = h.step_flops(json.loads((model_dir / "config.json").read_text()), h.BATCH, h.SEQ_LEN, h.RANK,
-                         recomputed=h.recomputed_linears(rec), checkpointing=rec["checkpointing"])["total"]
+    flops = h.policy_step_flops(json.loads((model_dir / "config.json").read_text()), execution["recompute"])["total"]
     gemm_s = groups[PERF_GROUPS[0][0]] / 100 * (sampled or threads * wall) / threads
     gemm_line = (f"GEMM FLOPs of this policy's step (harness.step_flops): {flops / 1e9:.0f} GFLOP; over the GEMM "
                  f"group's thread-s / {threads} threads ({gemm_s:.3f} s): {flops / 1e9 / gemm_s:.0f} GFLOP/s in the "
@@ -306,7 +302,7 @@ def perf_profile(args, run, data: dict, work: Path, model_dir: Path, freq: int =
              f"{threads * wall:.3f} thread-s per step" + (f"; sampled running: {sampled:.3f} thread-s per step "
                                                           f"(while perf ran, a little more than the steps)" if sampled else "")
              + ".", gemm_line, "",
-             "| where the threads ran | share of samples | thread-s per step (share x threads x wall) |", "|---|---|---|"]
+             "| where the threads ran | share of samples | thread-s per step (share x the sampled thread-s) |", "|---|---|---|"]
     for g, pct in sorted(groups.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {g} | {pct:.1f}% | {pct / 100 * (sampled or threads * wall):.3f} |")
     lines += ["", "Top symbols:", "", "| share | object | symbol |", "|---|---|---|"]
