@@ -5,6 +5,10 @@ trained to NaN) gets 256-bit kernels, or no compiling, with a warning; the verdi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +22,7 @@ def fresh(monkeypatch, tmp_path):
     from torch._inductor import config as inductor_config
 
     monkeypatch.setenv("QTUNE_CACHE", str(tmp_path))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(qc, "_chosen_dir", str(tmp_path / "inductor"))  # what _cache_dir points inductor at
     monkeypatch.setattr(qc, "_enabled", True)
     monkeypatch.setattr(qc, "_failed", False)
     monkeypatch.setattr(qc, "KERNEL_NOTE", None)
@@ -86,3 +90,40 @@ def test_float32_and_compiling_off_check_nothing(fresh, monkeypatch):
     monkeypatch.setattr(qc, "_enabled", False)
     assert qc.check_half_kernels(torch.bfloat16) is None
     assert not (fresh / "kernel_check.json").exists()
+
+
+BLOCK_SOFTMAX_CHECK = """
+import json, torch
+from qtune.engine.compiled import inductor_cache_dir
+from qtune.engine.loss import _block_softmax
+g = torch.Generator().manual_seed(0)
+worst = 0.0
+for c in (256, 255):
+    z, t = torch.randn(c, 4096, generator=g), torch.randint(0, 8192, (c,), generator=g)
+    m, s, zy = torch.full((c,), -1e30), torch.zeros(c), torch.zeros(c)
+    e, m2, s2, _, _ = _block_softmax(z, t, 4096, m, s, zy)
+    ref = torch.exp(z - z.amax(1, keepdim=True))
+    worst = max(worst, (e - ref).abs().max().item(), ((s2 - ref.sum(1)) / ref.sum(1)).abs().max().item())
+print(json.dumps({"worst": worst, "isa": torch.backends.cpu.get_cpu_capability(), "dir": inductor_cache_dir()}))
+"""
+
+
+def test_compiled_kernels_stay_right_when_the_cache_is_shared_by_two_vector_isas(tmp_path):
+    """One $QTUNE_CACHE, read first by a process whose kernels are AVX-512 (where the CPU has it) and then by one
+    capped at AVX2 (what a home folder shared by two CPU classes sees): each compiles its own C++ for its own
+    ISA (inductor_cache_dir), so the compiled block softmax equals the eager one in both. With one inductor
+    folder for both, the AVX2 process reused the AVX-512 graph's 16-lane C++ built with 8-lane vectors: wrong
+    sums (off by 100 and more), then a segmentation fault."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", qc._QTUNE_SET,
+                                                             "ATEN_CPU_CAPABILITY")}
+    env.update(QTUNE_CACHE=str(tmp_path), QTUNE_COMPILE="1")
+    root = Path(__file__).resolve().parents[1]
+    seen = []
+    for caps in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        out = subprocess.run([sys.executable, "-c", BLOCK_SOFTMAX_CHECK], cwd=root, env={**env, **caps},
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert [r["worst"] < 1e-5 for r in seen] == [True, True], seen
+    assert seen[1]["isa"] == "AVX2" and seen[1]["dir"].endswith("cpu-avx2")
+    assert all(r["dir"].startswith(str(tmp_path / "inductor")) for r in seen)

@@ -5,7 +5,7 @@ A block is "compiled" only when measured so: it ran through torch.compile with f
 forward, its recomputation and its backward are each one graph: a graph break raises instead of
 splitting it) and dynamo compiled nothing new for it beyond the first block of its input signature (no recompilation).
 BlockRunner records each layer's path; Engine.execution_report turns that into metrics.jsonl's
-execution line. Inductor's artifacts are cached under $QTUNE_CACHE/inductor. Off with QTUNE_COMPILE=0
+execution line. Inductor's artifacts are cached under $QTUNE_CACHE/inductor/cpu-ISA (inductor_cache_dir). Off with QTUNE_COMPILE=0
 (or --no-compile); QTUNE_COMPILE_LAYERS=0 keeps the blocks eager and the small functions compiled.
 """
 
@@ -43,11 +43,39 @@ def enabled() -> bool:
     return _enabled and not _failed
 
 
-def _cache_dir() -> None:
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from qtune.embedded import cache_dir
+_INDUCTOR_DIR_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+_QTUNE_SET = "QTUNE_SET_TORCHINDUCTOR_CACHE_DIR"  # what a qtune process set it to (its children inherit both)
+_chosen_dir: str | None = None
 
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps its artifacts: the user's TORCHINDUCTOR_CACHE_DIR if they set one, else
+    $QTUNE_CACHE/inductor/cpu-ISA, one folder per vector ISA that inductor generates C++ for.
+
+    Inductor's FX-graph cache keys a graph's generated C++ without that ISA (torch 2.13; only the built
+    .so is keyed by the compiler's flags). A cache written where AVX-512 was picked and read where AVX2 is
+    (a home folder shared by machines of two CPU classes, or ATEN_CPU_CAPABILITY=avx2) builds 16-lane loops
+    against 8-lane vectors: wrong losses, then a segmentation fault (docs/benchmarks.md, 2026-12-06 22:08).
+    Not the user's: torch's own default (torch writes it into the environment the first time it asks for
+    the folder), and what a parent qtune process chose (its ISA may not be this process's)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from qtune.embedded import cache_dir
+
+    user = _INDUCTOR_DIR_AT_IMPORT
+    if user and user != os.environ.get(_QTUNE_SET) and os.path.abspath(user) != os.path.abspath(default_cache_dir()):
+        return user
+    isa = "-".join(str(pick_vec_isa()).split()) or "scalar"
+    return str(cache_dir() / "inductor" / f"cpu-{isa}")
+
+
+def _cache_dir() -> None:
+    """Point inductor at inductor_cache_dir(), chosen once per process (before anything compiles)."""
+    global _chosen_dir
+    if _chosen_dir is None:
+        _chosen_dir = os.environ[_QTUNE_SET] = inductor_cache_dir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _chosen_dir
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
