@@ -40,6 +40,55 @@ def test_profile_step_reads_gemm_flops_and_kinds_from_recorded_shapes():
     assert profile_step.gemm_kind("aten::bmm", [[9, 256, 64], [9, 64, 256]], 16, 49152) == "attention (batched)"
 
 
+def test_profile_step_perf_groups_perf_report_rows():
+    """--perf: the rows of `perf report --stdio --sort dso,sym` (percent, object, [.] symbol), and the group
+    each sample's object and symbol falls in, the first group that matches."""
+    text = """# Samples: 15K of event 'cycles:P'
+#
+    38.35%  libtorch_cpu.so                                             [.] mkl_blas_avx512_sgemm_kernel_0
+     2.76%  libgomp.so.1                                                [.] 0x000000000001de62
+     1.67%  libtorch_cpu.so                                             [.] Sleef_finz_expf16_u10avx512f
+     1.53%  libtorch_cpu.so                                             [.] c10::function_ref<void (char**, long const*)>::callback_fn
+     1.42%  c5c6vrnzxtjnjgeozfymavupwzmdwqp.main.so                     [.] kernel._omp_fn.0
+     1.04%  libpython3.11.so.1.0                                        [.] gc_collect_main
+     0.28%  libc.so.6                                                   [.] _int_malloc
+     0.25%  [kernel.kallsyms]                                           [k] exc_page_fault
+     0.26%  libtorch_cpu.so                                             [.] omp_parallel_acopy
+                --0.65%--0
+"""
+    rows = profile_step.parse_perf_report(text)
+    assert [r[0] for r in rows] == [38.35, 2.76, 1.67, 1.53, 1.42, 1.04, 0.28, 0.25, 0.26]
+    assert rows[3][2] == "c10::function_ref<void (char**, long const*)>::callback_fn"
+    assert [profile_step.perf_group(dso, sym).split(" ")[0] for _, dso, sym in rows] == [
+        "GEMM", "OpenMP", "vector", "ATen", "inductor's", "Python", "libc", "OS", "GEMM"]
+    assert profile_step.perf_group("libfoo.so", "bar") == "other"
+
+
+def test_isa_cap_restarts_the_process_with_avx2_kernels_and_records_it(tmp_path, monkeypatch):
+    """--isa avx2 (harness.cap_isa): the process re-executes itself with the caps, so that torch's own kernels run
+    AVX2 code (whatever more the CPU has), and the machine record names the caps; the report's CPU class says the
+    AVX2-only class is emulated."""
+    code = ("import os, torch; from tools import harness as h; h.cap_isa('avx2'); "
+            "import json; print(json.dumps({'isa': torch.backends.cpu.get_cpu_capability(), "
+            "'caps': h.cpu_bf16()['isa_caps'], 'pid': os.getpid()}))")
+    env = {**os.environ, "QTUNE_CACHE": str(tmp_path)}
+    for k in harness.ISA_VARS:
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["isa"] == "AVX2" and got["caps"] == harness.ISA_CAPS["avx2"]
+    assert "--isa avx2: restarting with ATEN_CPU_CAPABILITY=avx2" in out.stderr
+    machine = {"bf16_kernels": False, "bf16_speedup": 0.0, "isa": "AVX2", "isa_caps": got["caps"]}
+    assert harness.cpu_class(machine).startswith("AVX2 code paths forced on a CPU with more (ATEN_CPU_CAPABILITY=avx2")
+    assert "AVX2-only class emulated" in harness.cpu_class(machine)
+    assert harness.cpu_class({**machine, "isa": "AVX512", "isa_caps": {}}) == "no bf16 kernels (AVX2-only class)"
+    for k in harness.ISA_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert harness.isa_note() == ""
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert harness.isa_note() == ", instruction sets capped: MKL_ENABLE_INSTRUCTIONS=AVX2"
+
+
 def test_bench_methods_median_interval_brackets_the_median_and_pools_files(tmp_path):
     xs = [1.0 + 0.01 * k for k in range(101)]  # median 1.5
     lo, hi = bench_methods.median_interval(xs)

@@ -156,7 +156,9 @@ def main() -> None:
     ap.add_argument("--against-tree", metavar="DIR", default=None,
                     help="before/after of a code change: each method against the same method run from DIR, another "
                          "checkout of this repository (e.g. `git worktree add DIR HEAD~1`), in lockstep")
+    h.add_isa_argument(ap)
     args = ap.parse_args()
+    h.cap_isa(args.isa)
     if args.pool:
         print(pool(args.pool))
         return
@@ -258,7 +260,7 @@ def main() -> None:
     versus = ("another checkout" if tree else "the fused block (generic path)" if args.generic
               else f"--recompute {getattr(args, 'recompute_base', 'default')}" if args.recompute
               else f"itself in {args.compute_dtype}" if getattr(args, "dtype", None) else "qtune QLoRA")
-    lines = [f"# qtune methods vs {versus} ({h.cpu_name()})", "",
+    lines = [f"# qtune methods vs {versus} ({h.cpu_name()}{h.isa_note()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
              f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",

@@ -399,6 +399,7 @@ def main():
                     help="qtune's --max-memory in its workers (the budget of --recompute auto): GiB, or `peer`: each pair "
                          "runs the peer first and gives the qtune run the peer's measured peak RSS")
     ap.add_argument("--model-dir", default=None, help="bf16 HF folder (default: the embedded SmolLM2-135M)")
+    h.add_isa_argument(ap)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default=None, help="suffix of the result files (bench_peft_TAG.*), e.g. newest or auto")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run folders)")
@@ -409,6 +410,7 @@ def main():
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--lockstep-ack-fd", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    h.cap_isa(args.isa)
     if args.compute_dtype == "auto":
         from qtune.precision import resolve_compute_dtype
 

@@ -69,18 +69,65 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# --isa avx2: the AVX2-only class on an AVX-512 machine. torch's kernels (ATen and inductor's generated C++), MKL's
+# GEMMs and oneDNN read these when they load, so the process must start with them (cap_isa re-executes it).
+ISA_CAPS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ISA_VARS = sorted({k for caps in ISA_CAPS.values() for k in caps})
+
+
+def cap_isa(isa: str | None) -> None:
+    """Run this benchmark with the instruction sets capped at `isa` (ISA_CAPS; None: as the CPU has them): where
+    the environment lacks the caps, re-execute the same command line with them set. Every worker inherits them.
+    The peer's bitsandbytes native CPU library is not capped (it dispatches on the CPU's own flags)."""
+    if isa is None:
+        return
+    caps = ISA_CAPS[isa]
+    if all(os.environ.get(k) == v for k, v in caps.items()):
+        return
+    print(f"--isa {isa}: restarting with {' '.join(f'{k}={v}' for k, v in caps.items())}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, list(sys.orig_argv), {**os.environ, **caps})
+
+
+def add_isa_argument(ap) -> None:
+    """The benchmarks' --isa option (their main calls cap_isa(args.isa) first)."""
+    ap.add_argument("--isa", default=None, choices=sorted(ISA_CAPS),
+                    help="cap the instruction sets of every process (torch's kernels, inductor's, MKL, oneDNN) at this "
+                         "one: avx2 measures the AVX2-only class on an AVX-512 machine (tools/harness.py cap_isa)")
+
+
+def isa_caps() -> dict:
+    """The instruction-set caps this process runs under (cap_isa's variables that are set)."""
+    return {k: os.environ[k] for k in ISA_VARS if os.environ.get(k)}
+
+
+def isa_note() -> str:
+    """'' or, under cap_isa's caps, what the report's machine line adds: the code paths its kernels ran."""
+    caps = isa_caps()
+    return f", instruction sets capped: {', '.join(f'{k}={v}' for k, v in caps.items())}" if caps else ""
+
+
 def cpu_bf16() -> dict:
     """What decides this CPU's class: whether oneDNN has bf16 kernels for it, and their measured rate over float32's
-    (qtune.precision: what --compute-dtype auto decides by)."""
+    (qtune.precision: what --compute-dtype auto decides by); and the instruction set torch's kernels run, with any
+    caps set in the environment (cap_isa)."""
+    import torch
+
     from qtune.precision import cpu_bf16_speedup, cpu_has_bf16_kernels
 
-    return {"bf16_kernels": cpu_has_bf16_kernels(), "bf16_speedup": cpu_bf16_speedup()}
+    return {"bf16_kernels": cpu_has_bf16_kernels(), "bf16_speedup": cpu_bf16_speedup(),
+            "isa": torch.backends.cpu.get_cpu_capability(),
+            "isa_caps": isa_caps()}
 
 
 def cpu_class(machine: dict) -> str:
     """The CPU class a report ran on, from what it recorded (older reports: bf16_kernels only)."""
     if "bf16_kernels" not in machine:
         return "not recorded"
+    if machine.get("isa_caps"):
+        caps = ", ".join(f"{k}={v}" for k, v in machine["isa_caps"].items())
+        return (f"{machine['isa']} code paths forced on a CPU with more ({caps}): the "
+                f"{'AVX2-only' if machine['isa'] == 'AVX2' else machine['isa']} class emulated, "
+                f"{'bf16 kernels' if machine['bf16_kernels'] else 'no bf16 kernels'}")
     if not machine["bf16_kernels"]:
         return "no bf16 kernels (AVX2-only class)"
     speedup = machine.get("bf16_speedup")
