@@ -114,7 +114,7 @@ def test_compiled_kernels_stay_right_when_the_cache_is_shared_by_two_vector_isas
     ISA (inductor_cache_dir), so the compiled block softmax equals the eager one in both. With one inductor
     folder for both, the AVX2 process reused the AVX-512 graph's 16-lane C++ built with 8-lane vectors: wrong
     sums (off by 100 and more), then a segmentation fault."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", qc._QTUNE_SET,
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", qc._BASE_ENV,
                                                              "ATEN_CPU_CAPABILITY")}
     env.update(QTUNE_CACHE=str(tmp_path), QTUNE_COMPILE="1")
     root = Path(__file__).resolve().parents[1]
@@ -127,3 +127,23 @@ def test_compiled_kernels_stay_right_when_the_cache_is_shared_by_two_vector_isas
     assert [r["worst"] < 1e-5 for r in seen] == [True, True], seen
     assert seen[1]["isa"] == "AVX2" and seen[1]["dir"].endswith("cpu-avx2")
     assert all(r["dir"].startswith(str(tmp_path / "inductor")) for r in seen)
+
+
+def test_a_users_inductor_folder_gets_the_per_isa_folders_too(tmp_path):
+    """TORCHINDUCTOR_CACHE_DIR set by the user: the ISA folders go inside it, and a child process (whose
+    TORCHINDUCTOR_CACHE_DIR is then the parent's ISA folder) keeps the same base; torch's own default is not
+    taken as the user's."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    code = ("import os, subprocess, sys; from qtune.engine import compiled as qc; qc._cache_dir(); "
+            "print(os.environ['TORCHINDUCTOR_CACHE_DIR']); sys.stdout.flush(); "
+            "subprocess.run([sys.executable, '-c', 'from qtune.engine.compiled import inductor_cache_dir as d; "
+            "print(d())'], env={**os.environ, 'ATEN_CPU_CAPABILITY': 'avx2'}, check=True)")
+    root = Path(__file__).resolve().parents[1]
+    for user, base in ((str(tmp_path / "mine"), tmp_path / "mine"), (default_cache_dir(), tmp_path / "q" / "inductor")):
+        env = {k: v for k, v in os.environ.items() if k not in (qc._BASE_ENV, "ATEN_CPU_CAPABILITY")}
+        env.update(TORCHINDUCTOR_CACHE_DIR=user, QTUNE_CACHE=str(tmp_path / "q"))
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             check=True, timeout=300).stdout.split()
+        assert Path(out[0]).parent == base and Path(out[0]).name.startswith("cpu-"), out
+        assert out[1] == str(base / "cpu-avx2"), out

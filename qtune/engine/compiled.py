@@ -44,37 +44,41 @@ def enabled() -> bool:
 
 
 _INDUCTOR_DIR_AT_IMPORT = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-_QTUNE_SET = "QTUNE_SET_TORCHINDUCTOR_CACHE_DIR"  # what a qtune process set it to (its children inherit both)
+_BASE_ENV = "QTUNE_INDUCTOR_CACHE_BASE"  # the folder a qtune process keeps its per-ISA folders in (children inherit it)
 _chosen_dir: str | None = None
 
 
 def inductor_cache_dir() -> str:
-    """Where inductor keeps its artifacts: the user's TORCHINDUCTOR_CACHE_DIR if they set one, else
-    $QTUNE_CACHE/inductor/cpu-ISA, one folder per vector ISA that inductor generates C++ for.
+    """Where inductor keeps its artifacts: BASE/cpu-ISA, one folder per vector ISA that inductor generates C++ for,
+    where BASE is the TORCHINDUCTOR_CACHE_DIR the user set, else $QTUNE_CACHE/inductor.
 
     Inductor's FX-graph cache keys a graph's generated C++ without that ISA (torch 2.13; only the built
     .so is keyed by the compiler's flags). A cache written where AVX-512 was picked and read where AVX2 is
     (a home folder shared by machines of two CPU classes, or ATEN_CPU_CAPABILITY=avx2) builds 16-lane loops
     against 8-lane vectors: wrong losses, then a segmentation fault (docs/benchmarks.md, 2026-12-06 22:08).
-    Not the user's: torch's own default (torch writes it into the environment the first time it asks for
-    the folder), and what a parent qtune process chose (its ISA may not be this process's)."""
+    A TORCHINDUCTOR_CACHE_DIR equal to torch's own default is not the user's: torch writes it into the
+    environment the first time it asks for the folder. A child of a qtune process keeps its parent's BASE
+    (its TORCHINDUCTOR_CACHE_DIR is the parent's ISA folder, which may not be the child's ISA)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from qtune.embedded import cache_dir
 
-    user = _INDUCTOR_DIR_AT_IMPORT
-    if user and user != os.environ.get(_QTUNE_SET) and os.path.abspath(user) != os.path.abspath(default_cache_dir()):
-        return user
+    base = os.environ.get(_BASE_ENV)
+    if not base:
+        user = _INDUCTOR_DIR_AT_IMPORT
+        default = os.path.abspath(default_cache_dir())
+        base = user if user and os.path.abspath(user) != default else str(cache_dir() / "inductor")
     isa = "-".join(str(pick_vec_isa()).split()) or "scalar"
-    return str(cache_dir() / "inductor" / f"cpu-{isa}")
+    return os.path.join(base, f"cpu-{isa}")
 
 
 def _cache_dir() -> None:
     """Point inductor at inductor_cache_dir(), chosen once per process (before anything compiles)."""
     global _chosen_dir
     if _chosen_dir is None:
-        _chosen_dir = os.environ[_QTUNE_SET] = inductor_cache_dir()
+        _chosen_dir = inductor_cache_dir()
+        os.environ[_BASE_ENV] = os.path.dirname(_chosen_dir)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = _chosen_dir
 
 
