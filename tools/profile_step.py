@@ -128,7 +128,9 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="list inductor's generated C++ kernels as ops of their own (their time leaves the "
                          "'Call CompiledFxGraph' rows, whose self time is then the compiled wrapper's)")
+    h.add_isa_argument(ap)
     args = ap.parse_args()
+    h.cap_isa(args.isa)
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1, --warmup >= 0")
     h.quiet_bitsandbytes()
@@ -187,7 +189,7 @@ def main() -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     flops = h.policy_step_flops(cfg, execution.get("recompute"))  # what this policy's step runs
     layers = execution["layers"]
-    lines = [f"# Profile of one qtune {args.method} step ({h.cpu_name()}, {torch.get_num_threads()} threads)", "",
+    lines = [f"# Profile of one qtune {args.method} step ({h.cpu_name()}{h.isa_note()}, {torch.get_num_threads()} threads)", "",
              f"Setting of tools/bench_peft.py (tools/harness.py), --recompute {args.recompute}; {args.warmup} warm-up + "
              f"{n} profiled steps; times per step."
              + (" With --kernels: inductor's C++ kernels are rows of their own (`graph_N_cpp_fused_...`)." if args.kernels else ""),
@@ -294,7 +296,7 @@ def perf_profile(args, run, data: dict, work: Path, model_dir: Path, freq: int =
     gemm_line = (f"GEMM FLOPs of this policy's step (harness.step_flops): {flops / 1e9:.0f} GFLOP; over the GEMM "
                  f"group's thread-s / {threads} threads ({gemm_s:.3f} s): {flops / 1e9 / gemm_s:.0f} GFLOP/s in the "
                  f"step, against {rate:.0f} GFLOP/s for one 2048³ product now ({flops / 1e9 / rate:.3f} s).")
-    lines = [f"# Linux perf profile of qtune {args.method} steps ({h.cpu_name()}, {threads} threads)", "",
+    lines = [f"# Linux perf profile of qtune {args.method} steps ({h.cpu_name()}{h.isa_note()}, {threads} threads)", "",
              f"Setting of tools/bench_peft.py, --compute-dtype {args.compute_dtype}, --recompute {args.recompute} "
              f"(ran: {execution['recompute']['level']}); {args.warmup} warm-up + {n} sampled steps at {freq} Hz; "
              f"decoder layers {execution['layers']['compiled']} compiled, {execution['layers']['eager']} eager.",
