@@ -10,6 +10,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+import qtune.engine.compiled as qtune_compiled
+
+# Inductor's artifacts: chosen now, while $QTUNE_CACHE is still the run's (.ci/run's three sessions share it; here,
+# ~/.cache/qtune), in its folder for this vector ISA (qtune.engine.compiled.inductor_cache_dir), for qtune's compiles
+# and the tests' own torch.compile alike, rather than a cold compile in each session's fresh $QTUNE_CACHE
+# (_isolated_cache below)
+qtune_compiled._cache_dir()
+
 # Tolerances, once per dtype. fp32: accumulation-order noise (different GEMM blockings of sums of
 # ~100 products, with cancellation) reaches ~1e-5 relative on gradients; 1e-4 leaves a margin.
 # bf16: 8 mantissa bits -> relative spacing 2^-8 ≈ 0.4%; a few roundings in a small network.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,8 @@ def test_float32_and_compiling_off_check_nothing(fresh, monkeypatch):
     assert not (fresh / "kernel_check.json").exists()
 
 
+X86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 is an x86 instruction set")
+
 BLOCK_SOFTMAX_CHECK = """
 import json, torch
 from qtune.engine.compiled import inductor_cache_dir
@@ -108,6 +111,7 @@ print(json.dumps({"worst": worst, "isa": torch.backends.cpu.get_cpu_capability()
 """
 
 
+@X86
 def test_compiled_kernels_stay_right_when_the_cache_is_shared_by_two_vector_isas(tmp_path):
     """One $QTUNE_CACHE, read first by a process whose kernels are AVX-512 (where the CPU has it) and then by one
     capped at AVX2 (what a home folder shared by two CPU classes sees): each compiles its own C++ for its own
@@ -129,6 +133,7 @@ def test_compiled_kernels_stay_right_when_the_cache_is_shared_by_two_vector_isas
     assert all(r["dir"].startswith(str(tmp_path / "inductor")) for r in seen)
 
 
+@X86
 def test_a_users_inductor_folder_gets_the_per_isa_folders_too(tmp_path):
     """TORCHINDUCTOR_CACHE_DIR set by the user: the ISA folders go inside it, and a child process (whose
     TORCHINDUCTOR_CACHE_DIR is then the parent's ISA folder) keeps the same base; torch's own default is not

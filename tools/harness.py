@@ -84,7 +84,7 @@ def cap_isa(isa: str | None) -> None:
     caps = ISA_CAPS[isa]
     if all(os.environ.get(k) == v for k, v in caps.items()):
         return
-    print(f"--isa {isa}: restarting with {' '.join(f'{k}={v}' for k, v in caps.items())}", file=sys.stderr, flush=True)
+    print(f"--isa {isa}: restarting with {caps_text(caps, ' ')}", file=sys.stderr, flush=True)
     os.execve(sys.executable, list(sys.orig_argv), {**os.environ, **caps})
 
 
@@ -100,10 +100,14 @@ def isa_caps() -> dict:
     return {k: os.environ[k] for k in ISA_VARS if os.environ.get(k)}
 
 
+def caps_text(caps: dict, sep: str = ", ") -> str:
+    return sep.join(f"{k}={v}" for k, v in caps.items())
+
+
 def isa_note() -> str:
     """'' or, under cap_isa's caps, what the report's machine line adds: the code paths its kernels ran."""
     caps = isa_caps()
-    return f", instruction sets capped: {', '.join(f'{k}={v}' for k, v in caps.items())}" if caps else ""
+    return f", instruction sets capped: {caps_text(caps)}" if caps else ""
 
 
 def cpu_bf16() -> dict:
@@ -124,8 +128,7 @@ def cpu_class(machine: dict) -> str:
     if "bf16_kernels" not in machine:
         return "not recorded"
     if machine.get("isa_caps"):
-        caps = ", ".join(f"{k}={v}" for k, v in machine["isa_caps"].items())
-        return (f"{machine['isa']} code paths forced on a CPU with more ({caps}): the "
+        return (f"{machine['isa']} code paths forced on a CPU with more ({caps_text(machine['isa_caps'])}): the "
                 f"{'AVX2-only' if machine['isa'] == 'AVX2' else machine['isa']} class emulated, "
                 f"{'bf16 kernels' if machine['bf16_kernels'] else 'no bf16 kernels'}")
     if not machine["bf16_kernels"]:
