@@ -308,23 +308,24 @@ def _profiled_step(model, ids, mask):
 
 def test_kept_attention_skips_its_gemms_in_the_recomputation(tiny_llama, tmp_path, compiled):
     """--recompute default: a compiled block's checkpoint keeps the attention's q, k (after the rotary
-    embedding), v and output (o_proj's) from the forward (qtune.engine.ops.keep), so its recomputation
-    runs neither q/k/v/o's base GEMMs nor their adapters' up-projections: 4 + 4 fewer GEMM calls per
-    layer and step, the same dequantizations, and the loss and gradients of --recompute full."""
+    embedding), v (copies: qtune.engine.ops.keep) and output (o_proj's own, linear_lora_kept: no copy) from the
+    forward, so its recomputation runs neither q/k/v/o's base GEMMs nor their adapters' up-projections: 4 + 4
+    fewer GEMM calls per layer and step, the same dequantizations, and the loss and gradients of --recompute full."""
     def run(recompute: str):
         model = _model(tiny_llama, tmp_path, compute_dtype="float32", recompute=recompute)
         ids = torch.randint(3, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
         loss, grads, counts = _profiled_step(model, ids, mask)
         gemms = sum(counts.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_"))
-        return loss, grads, gemms, counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0)
+        return loss, grads, gemms, counts.get("bitsandbytes::dequantize_4bit", 0), (
+            counts.get("qtune::keep", 0), counts.get("qtune::linear_lora_kept", 0))
 
     loss_k, grads_k, gemms_k, deq_k, kept = run("default")
     loss_r, grads_r, gemms_r, deq_r, none = run("full")
     from qtune.loader import load_config
 
     L = load_config(tiny_llama, False).num_hidden_layers
-    assert kept == 4 * L and none == 0  # forward only: the recomputation reads the kept copies
+    assert kept == (3 * L, L) and none == (0, 0)  # forward only: the recomputation reads what was kept
     assert gemms_r - gemms_k == 8 * L, (gemms_r, gemms_k)
     # the first layer's q, k, v need no dL/dx (frozen embeddings): kept, they are not dequantized in
     # backward at all; recomputed, their recomputation dequantizes them
@@ -333,6 +334,18 @@ def test_kept_attention_skips_its_gemms_in_the_recomputation(tiny_llama, tmp_pat
     assert grads_k.keys() == grads_r.keys()
     for name in grads_r:
         torch.testing.assert_close(grads_k[name], grads_r[name], **TOL[torch.float32], msg=name)
+
+
+def _count(counts: dict, *names: str) -> int:
+    """Calls of qtune's operators `names` and of their kept twins (qtune::NAME_kept: the checkpoint keeps the
+    output)."""
+    return sum(counts.get(f"qtune::{n}", 0) + counts.get(f"qtune::{n}_kept", 0) for n in names)
+
+
+def _kept(counts: dict) -> int:
+    """Values a checkpointed block kept from its forward: copies (qtune::keep) and kept GEMM outputs."""
+    return counts.get("qtune::keep", 0) + counts.get("qtune::linear_lora_kept", 0) + counts.get(
+        "qtune::linear_lora_group_kept", 0)
 
 
 def _policy_step(tiny_llama, tmp_path, method: str, recompute: str, **kw):
@@ -359,7 +372,7 @@ def test_recompute_max_keeps_gate_up_and_skips_their_gemms(tiny_llama, tmp_path,
     def run(recompute: str):
         _, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute)
         return (loss, grads, sum(counts.get(k, 0) for k in ("aten::mm", "aten::addmm", "aten::addmm_")),
-                counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0), report)
+                counts.get("bitsandbytes::dequantize_4bit", 0), _kept(counts), report)
 
     loss_m, grads_m, gemms_m, deq_m, kept_m, report = run("max")
     loss_d, grads_d, gemms_d, deq_d, kept_d, _ = run("default")
@@ -387,7 +400,7 @@ def test_recompute_weights_holds_the_dequantized_base_and_dequantizes_nothing(ti
 
     def run(recompute: str, **kw):
         model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
-        run.grouped = counts.get("qtune::linear_lora_group", 0)
+        run.grouped = _count(counts, "linear_lora_group")
         return model, loss, grads, counts.get("bitsandbytes::dequantize_4bit", 0), report
 
     model, loss_w, grads_w, deq_w, report = run("weights")
@@ -451,8 +464,8 @@ def test_recompute_none_compiles_uncheckpointed_blocks_that_recompute_nothing(ti
 
     def run(recompute: str, **kw):
         model, loss, grads, counts, report = _policy_step(tiny_llama, tmp_path, method, recompute, **kw)
-        return (loss, grads, (counts.get("qtune::linear_lora", 0), counts.get("qtune::linear_lora_group", 0)),
-                counts.get("bitsandbytes::dequantize_4bit", 0), counts.get("qtune::keep", 0), report)
+        return (loss, grads, (_count(counts, "linear_lora"), _count(counts, "linear_lora_group")),
+                counts.get("bitsandbytes::dequantize_4bit", 0), _kept(counts), report)
 
     loss_n, grads_n, fused_n, deq_n, kept_n, report = run("none")
     loss_w, grads_w, *_ = run("weights")
@@ -520,14 +533,14 @@ def test_qdora_kept_products_skip_their_gemms_in_the_recomputation(tiny_llama, t
 
     def run(recompute: str):
         _, loss, grads, counts, _ = _policy_step(tiny_llama, tmp_path, "qdora", recompute)
-        return (loss, grads, counts.get("qtune::linear_lora", 0), counts.get("bitsandbytes::dequantize_4bit", 0),
-                counts.get("qtune::keep", 0))
+        return (loss, grads, _count(counts, "linear_lora"), counts.get("bitsandbytes::dequantize_4bit", 0),
+                (counts.get("qtune::keep", 0), counts.get("qtune::linear_lora_kept", 0)))
 
     loss_k, grads_k, fused_k, deq_k, kept = run("default")
     loss_r, grads_r, fused_r, deq_r, kept_full = run("full")
     L = load_config(tiny_llama, False).num_hidden_layers
     # forward only: the recomputation reads the kept products (and, under both, the 7 row norms)
-    assert kept == (5 + 7) * L and kept_full == 7 * L
+    assert kept == (7 * L, 5 * L) and kept_full == (7 * L, 0)  # the row norms' copies; the products, no copy
     assert fused_r == (7 + 7) * L and fused_k == (7 + 2) * L, (fused_r, fused_k)
     assert deq_r == L * (7 + 7) and deq_k == deq_r - 3  # as in the QLoRA test above
     torch.testing.assert_close(loss_k, loss_r, **TOL[torch.float32])

@@ -160,11 +160,8 @@ def attention(attn: nn.Module, x, cos, sin, bias, kernel: str, keep_attention: b
     softcap = _softcap(attn)
     kernel_fn = eager_attention if kernel == "eager" or softcap is not None else sdpa_attention
     o = kernel_fn(q, k, v, bias, attn.scaling, softcap).reshape(b, t, -1)
-    keep_o = keep_attention and L.keeps_own_product(attn.o_proj)
-    out = L.linear(attn.o_proj, o, keep_output=keep_o)
-    if keep_attention and not keep_o and torch.compiler.is_compiling():
-        out = keep(out)  # the recomputation needs o's output (for the MLP's input) and skips its GEMMs
-    return out
+    # kept, the recomputation has o's output (for the MLP's input) without its GEMMs
+    return L.linear(attn.o_proj, o, keep_output=keep_attention)
 
 
 def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool, act: str = "silu", sum_only: bool = True,
@@ -172,17 +169,12 @@ def mlp(module: nn.Module, x: torch.Tensor, keep_down: bool, act: str = "silu", 
     """sum_only: the output only feeds the residual sum (not a norm), so a recomputation may skip its base GEMM.
     keep_mlp (--recompute max): a compiled block's checkpoint keeps gate/up's outputs (DoRA: its products u),
     so that its recomputation skips their GEMMs and dequantizations."""
-    kept = keep_mlp and torch.compiler.is_compiling()
     if hasattr(module, "gate_up_proj"):                               # Phi-3: one linear, [gate; up]
-        own = L.keeps_own_product(module.gate_up_proj)
-        gate_up = L.linear(module.gate_up_proj, x, keep_output=keep_mlp and own)
-        gate, up = (keep(gate_up) if kept and not own else gate_up).chunk(2, dim=-1)
+        gate, up = L.linear(module.gate_up_proj, x, keep_output=keep_mlp).chunk(2, dim=-1)
     else:
-        own = L.keeps_own_product(module.gate_proj) and L.keeps_own_product(module.up_proj)
-        gate, up = L.group([module.gate_proj, module.up_proj], x, keep_output=keep_mlp and own)
-        if kept and not own:
-            gate, up = keep(gate), keep(up)
-    return L.linear(module.down_proj, ACT_MUL[act](gate, up), keep_output=keep_down, sum_only=sum_only)
+        gate, up = L.group([module.gate_proj, module.up_proj], x, keep_output=keep_mlp)
+    keep_d = keep_down and L.keeps_own_product(module.down_proj)  # LoRA's: only the residual sum reads it
+    return L.linear(module.down_proj, ACT_MUL[act](gate, up), keep_output=keep_d, sum_only=sum_only)
 
 
 def decoder_block(layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,

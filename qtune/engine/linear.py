@@ -17,7 +17,8 @@ from qtune.adapters.dora import DoRALinear
 from qtune.adapters.lora import LoRALinear
 from qtune.adapters.rosa import RoSALinear
 from qtune.engine.fused import KEEP, REUSE, dora_node, fusable, lora_node
-from qtune.engine.ops import fold_sparse, keep, linear_lora, linear_lora_group, lora_down, rosa_linear, row_norms
+from qtune.engine.ops import (fold_sparse, keep, linear_lora, linear_lora_group, linear_lora_group_kept, linear_lora_kept,
+                              lora_down, rosa_linear, row_norms)
 from qtune.engine.recompute import recomputing
 from quant import QuantLinear
 from quant.formats import QuantizedWeight
@@ -141,20 +142,21 @@ def drop_dense_weights(model: nn.Module) -> int:
     return n
 
 
-def _lora(layer, x, h, u=None):
-    """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora); `u`: that product
-    already formed by its group's GEMM (group)."""
+def _lora(layer, x, h, u=None, kept: bool = False):
+    """x·D(W)ᵀ + b + s·h·Bᵀ, the adapter accumulated into the base GEMM's output (linear_lora; linear_lora_kept where
+    the checkpoint keeps it: `kept`); `u`: that product already formed by its group's GEMM (group)."""
     base, dtype = layer.base_layer, x.dtype
     if u is None:
-        u = linear_lora(x, traced_base_weight(base, dtype), h, (layer.lora_B * layer.scale).to(dtype))
+        op = linear_lora_kept if kept else linear_lora
+        u = op(x, traced_base_weight(base, dtype), h, (layer.lora_B * layer.scale).to(dtype))
     return u if base.bias is None else u + base.bias.to(dtype)
 
 
 def _dora(layer, x, h, keep_product: bool, w=None, u=None):
     """u = x·D(W)ᵀ + s·h·Bᵀ, y = (m/n) ⊙ u + b, n without gradient (row_norms of the detached factors, traced so
     that inductor fuses its elementwise part, and kept by the checkpoint: the recomputation reads it).
-    `keep_product` keeps u (the magnitude's gradient reads it): the recomputation skips the base GEMM.
-    `w`, `u`: the base weight and u as its group's GEMM formed them (group)."""
+    `keep_product` keeps u (the magnitude's gradient reads it; linear_lora_kept): the recomputation skips the base
+    GEMM. `w`, `u`: the base weight and u as its group's GEMM formed them (group), kept there if it is to be."""
     base, dtype = layer.base_layer, x.dtype
     if w is None:
         w = traced_base_weight(base, dtype)
@@ -165,9 +167,7 @@ def _dora(layer, x, h, keep_product: bool, w=None, u=None):
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     n = keep(row_norms(w_sq, a, b, F.linear(a.to(dtype), w), float(layer.scale)))
     if u is None:
-        u = linear_lora(x, w, h, (layer.lora_B * layer.scale).to(dtype))
-    if keep_product:
-        u = keep(u)
+        u = (linear_lora_kept if keep_product else linear_lora)(x, w, h, (layer.lora_B * layer.scale).to(dtype))
     y = (u.float() * (layer.magnitude / n)).to(dtype)  # c in fp32: rounded to bf16 it would snap to 1
     return y if base.bias is None else y + base.bias.to(dtype)
 
@@ -183,17 +183,19 @@ def _rosa(layer, x, h):
     return out.view(y.shape)
 
 
-def traced(module: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None, keep_product: bool = False):
-    """One linear in a compiled block; h = x·Aᵀ when already formed (group)."""
+def traced(module: nn.Module, x: torch.Tensor, h: torch.Tensor | None = None, keep_output: bool = False):
+    """One linear in a compiled block; h = x·Aᵀ when already formed (group). keep_output: the checkpoint keeps its
+    output, LoRA's and DoRA's as their GEMM's (x·Wᵀ + s·h·Bᵀ, before a bias or DoRA's scaling: no copy), others'
+    as a copy (keep)."""
     if not isinstance(module, (LoRALinear, DoRALinear, RoSALinear)):
-        return module(x)
+        return keep(module(x)) if keep_output else module(x)
     if h is None:
         h = lora_down(x, module.lora_A.to(x.dtype))
     if isinstance(module, DoRALinear):
-        return _dora(module, x, h, keep_product)
+        return _dora(module, x, h, keep_output)
     if isinstance(module, RoSALinear):
-        return _rosa(module, x, h)
-    return _lora(module, x, h)
+        return keep(_rosa(module, x, h)) if keep_output else _rosa(module, x, h)
+    return _lora(module, x, h, kept=keep_output)
 
 
 def keeps_own_product(module: nn.Module) -> bool:
@@ -205,7 +207,7 @@ def keeps_own_product(module: nn.Module) -> bool:
 
 def linear(module: nn.Module, x: torch.Tensor, keep_output: bool = False, sum_only: bool = False) -> torch.Tensor:
     if torch.compiler.is_compiling():
-        return traced(module, x, keep_product=keep_output and keeps_own_product(module))
+        return traced(module, x, keep_output=keep_output)
     return eager(module, x, keep_output, sum_only)
 
 
@@ -229,16 +231,18 @@ def group(modules: list[nn.Module], x: torch.Tensor, keep_output: bool = False) 
     """[linear(m, x) for m in modules] for linears that read the same x (q/k/v, gate/up). Compiled, their
     down-projections are one GEMM, h = x·[A₁; A₂; …]ᵀ, split by columns (and so are its gradients), and so are
     LoRA's and DoRA's base products (linear_lora_group on the stacked bases), each adapter's up-projection
-    accumulated into its own columns, where the layer holds their stacked weight (held_group_weight)."""
+    accumulated into its own columns, where the layer holds their stacked weight (held_group_weight).
+    keep_output: the checkpoint keeps the outputs (traced), the one GEMM's as one tensor (linear_lora_group_kept)."""
     adapters = all(isinstance(m, (LoRALinear, DoRALinear, RoSALinear)) for m in modules)
     if len(modules) > 1 and torch.compiler.is_compiling() and adapters:
         h = lora_down(x, torch.cat([m.lora_A for m in modules]).to(x.dtype))
         w = held_group_weight(modules, x.dtype) if groupable(modules) else None
         if w is not None:
             dtype, outs = x.dtype, [m.lora_B.shape[0] for m in modules]
-            u = linear_lora_group(x, w, h, [(m.lora_B * m.scale).to(dtype) for m in modules])
-            return [_dora(m, x, None, keep_output, w_i, u_i) if isinstance(m, DoRALinear) else _lora(m, x, None, u=u_i)
+            op = linear_lora_group_kept if keep_output else linear_lora_group
+            u = op(x, w, h, [(m.lora_B * m.scale).to(dtype) for m in modules])
+            return [_dora(m, x, None, False, w_i, u_i) if isinstance(m, DoRALinear) else _lora(m, x, None, u=u_i)
                     for m, w_i, u_i in zip(modules, w.split(outs), u.split(outs, dim=-1))]
         hs = h.split([m.rank for m in modules], -1)
-        return [traced(m, x, h_i, keep_output and keeps_own_product(m)) for m, h_i in zip(modules, hs)]
+        return [traced(m, x, h_i, keep_output) for m, h_i in zip(modules, hs)]
     return [linear(m, x, keep_output) for m in modules]
