@@ -257,7 +257,7 @@ def plan_memory(cfg: TrainConfig, device: str = "cpu", world: int = 1, strategy:
     ckpt = policy.checkpointing  # off with --recompute none or --no-gradient-checkpointing
     attention = choose_attention(config, b, t, ckpt, cfg.compute_dtype, device)
     fused_dora = cfg.method == "qdora" and cfg.dropout == 0 and cfg.dora_detach_norm  # DoRA's one-node path
-    # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's keep
+    # DoRA's down_proj output kept from the forward: by the eager node's stash or a compiled layer's kept product
     stash = fused_dora and ckpt and policy.keep_down and "down_proj" in leaves
     # DoRA keeps each adapter's (tokens × out) product for the magnitude's gradient (a stashed
     # down_proj's is counted with the layer inputs instead: it lives as long as they do)

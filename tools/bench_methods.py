@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -159,6 +160,10 @@ def main() -> None:
     h.add_isa_argument(ap)
     args = ap.parse_args()
     h.cap_isa(args.isa)
+    from tools.workers import RECOMPUTE_ENV
+
+    # a policy every worker inherits from this environment (where --recompute does not set one per side): recorded
+    args.workers_recompute = os.environ.get(RECOMPUTE_ENV) if not args.recompute else None
     if args.pool:
         print(pool(args.pool))
         return
@@ -195,8 +200,6 @@ def main() -> None:
                                          {f"{m}@generic": (m, None, {"QTUNE_GENERIC": "1"})})
                     ref, run = pair[m], pair[f"{m}@generic"]
                 elif args.recompute:  # the method under --recompute LEVEL against itself under default
-                    from tools.workers import RECOMPUTE_ENV
-
                     label, base = f"{m}@{args.recompute}", args.recompute_base
                     base_label = m if base == "default" else f"{m}@{base}"
                     trees_ = {label: (m, None, {RECOMPUTE_ENV: args.recompute})}
@@ -260,9 +263,11 @@ def main() -> None:
     versus = ("another checkout" if tree else "the fused block (generic path)" if args.generic
               else f"--recompute {getattr(args, 'recompute_base', 'default')}" if args.recompute
               else f"itself in {args.compute_dtype}" if getattr(args, "dtype", None) else "qtune QLoRA")
+    recompute = getattr(args, "workers_recompute", None)
+    policy = f" (every worker under --recompute {recompute}: {RECOMPUTE_ENV} set)" if recompute else ""
     lines = [f"# qtune methods vs {versus} ({h.cpu_name()}{h.isa_note()})", "",
              f"Setting of tools/bench_peft.py (SmolLM2-135M, seq {h.SEQ_LEN} × batch {h.BATCH}, r={h.RANK}, "
-             f"checkpointing, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
+             f"checkpointing{policy}, {'bf16' if args.compute_dtype == 'bfloat16' else args.compute_dtype}, AdamW); {args.warmup} warm-up + {args.steps} timed steps per run; {args.repeats} "
              f"rounds; {mode}.", "",
              "| method | s/step | QLoRA s/step | step ratio, median | bootstrap 95% of the median | per round | "
              "middle half of the pairs | held-out after (QLoRA) | trainable params | peak RSS GiB (QLoRA) | goal |",

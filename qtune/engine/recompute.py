@@ -5,7 +5,8 @@ One setting, `--recompute`:
 - `default`: keep the attention's q, k, v (after the rotary embedding) and its output (o_proj's), or
   for DoRA projections their products u; and DoRA's down_proj product (its magnitude's gradient
   reads it). More memory (a few (tokens × width) tensors per layer, held until that layer's
-  backward) for fewer GEMMs in the recomputation.
+  backward) for fewer GEMMs in the recomputation. A GEMM's output is kept as the GEMM wrote it (LoRA's and
+  DoRA's: qtune.engine.ops' kept twins), the rotary embedding's q, k and v as copies.
 - `full`: keep nothing that costs memory.
 - `max`: default, and gate/up's outputs too (the MLP's two widest GEMMs and their dequantizations: the
   recomputation's most expensive work per byte kept), so that the recomputation runs only what feeds them
