@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import resource
 import sys
 
@@ -139,6 +140,8 @@ class MemoryMeter:
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
+        if self.device.type != "cuda":
+            gc.collect()  # garbage from before the run is not the run's, and freed during it would sink the readings
         self.baseline = heap_in_use_bytes() if self.device.type != "cuda" else 0
         self.peak = 0
         self.active = True
@@ -166,7 +169,11 @@ class MemoryMeter:
     def _sample(self) -> None:
         if self.device.type == "cuda":
             return
-        self.peak = max(self.peak, heap_in_use_bytes() - self.baseline)
+        in_use = heap_in_use_bytes()
+        # below the baseline, heap that was there before the run has been freed (a garbage collection): the rest of
+        # the run is measured from here, or its readings would stay at or under zero
+        self.baseline = min(self.baseline, in_use)
+        self.peak = max(self.peak, in_use - self.baseline)
 
     @contextlib.contextmanager
     def excluding(self):
@@ -183,7 +190,7 @@ class MemoryMeter:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         self._sample()
-        return self.peak or peak_rss_bytes()
+        return self.peak if _mallinfo2 is not None else peak_rss_bytes()  # the process's peak where the heap is unknown
 
     def detach(self) -> None:
         for h in self._handles:

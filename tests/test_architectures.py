@@ -181,12 +181,17 @@ def trained(tiny, corpus, tmp_path_factory):
     """trained(arch, method) -> (run folder, qtune's fp32 logits of probe_ids() with the run's adapters, the
     adapted linears' names), made once; the adapters move the logits far more than fp16 rounding does."""
     made = {}
+    settings = dict(data=str(corpus), seq_len=32, lr=2e-2, warmup_steps=0, eval_every=0, eval_batches=1, save_every=0)
 
     def make(arch: str, method: str):
+        if not made:  # a process's first trainings meter what its libraries allocate once, at their first calls
+            # (22-29 MiB for these models, whose plans are ~1 MiB; tests/test_plan_is_close_to_the_metered_peak)
+            for m in ("qlora", "qdora"):
+                train(run_config(tiny(arch), method=m, output=str(tmp_path_factory.mktemp("arch-warmup") / "run"),
+                                 max_steps=1, **settings), progress=False)
         if (arch, method) not in made:
             run = tmp_path_factory.mktemp(f"arch-run-{arch}-{method}") / "run"
-            cfg = run_config(tiny(arch), method=method, data=str(corpus), output=str(run), seq_len=32, max_steps=3,
-                             lr=2e-2, warmup_steps=0, eval_every=0, eval_batches=1, save_every=0)
+            cfg = run_config(tiny(arch), method=method, output=str(run), max_steps=3, **settings)
             train(cfg, progress=False)
             _, model, *_ = load_run(run, progress=False, compute_dtype="float32")
             adapters = adapter_layers(model)
