@@ -185,7 +185,7 @@ def trained(tiny, corpus, tmp_path_factory):
 
     def make(arch: str, method: str):
         if not made:  # a process's first trainings meter what its libraries allocate once, at their first calls
-            # (22-29 MiB for these models, whose plans are ~1 MiB; tests/test_plan_is_close_to_the_metered_peak)
+            # (22-29 MiB for these models, whose plans are ~1 MiB: test_plan_is_close_to_the_metered_peak below)
             for m in ("qlora", "qdora"):
                 train(run_config(tiny(arch), method=m, output=str(tmp_path_factory.mktemp("arch-warmup") / "run"),
                                  max_steps=1, **settings), progress=False)
